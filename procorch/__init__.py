@@ -1,0 +1,38 @@
+"""procorch: run untrusted steps in worker processes and survive whatever they do."""
+
+from ._errors import ExecutorError, InvalidSpecError
+from ._events import (
+    Event,
+    EventSink,
+    StepCrashed,
+    StepFinished,
+    StepProgress,
+    StepRerun,
+    StepStarted,
+)
+from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._parallel import execute_steps_parallel
+from ._pool import shutdown
+
+__all__ = [
+    "DEFAULT_MAX_PARALLEL_TASKS",
+    "AgentExecutor",
+    "AgentStepSpec",
+    "ErrorKind",
+    "Event",
+    "EventSink",
+    "ExecutorError",
+    "InvalidSpecError",
+    "StepCrashed",
+    "StepError",
+    "StepFinished",
+    "StepOutcome",
+    "StepProgress",
+    "StepRerun",
+    "StepStarted",
+    "execute_steps_parallel",
+    "shutdown",
+]
+
+__version__ = "0.1.0"

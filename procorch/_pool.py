@@ -1,0 +1,139 @@
+"""The pool: warm worker processes, one per lane, kept between calls.
+
+A lane is one worker process behind its own single-worker loky executor, plus
+two one-way pipes from that worker to the parent: the channel (step frames)
+and the crash pipe (faulthandler's dump). Giving every worker its own executor
+is what makes crash attribution exact: when a worker dies, loky breaks only
+that executor, so the only step harmed is the one the lane was running.
+
+The engine keeps idle lanes between calls so a second call does not pay
+process start-up again, hands lanes to calls (several calls may run at once
+from different threads, each with lanes of its own), and shuts them all down
+at interpreter exit or on :func:`shutdown`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+import loky
+from loky.backend import get_context
+
+from . import _worker
+
+# loky recycles a worker whose memory grew by 300 MB when psutil is present;
+# a respawned worker would find its lane's pipes gone, so lanes opt out and
+# procorch decides itself when to replace a worker.
+_WORKER_ENV = {"LOKY_MAX_MEMORY_LEAK_SIZE": str(2**62)}
+
+
+class _Lane:
+    """One worker process, its channel, and the executor token it holds."""
+
+    def __init__(self) -> None:
+        context = get_context("loky")
+        self.channel, channel_writer = context.Pipe(duplex=False)
+        self._crash_reader, crash_writer = context.Pipe(duplex=False)
+        # The parent drops its copies of the write ends once the worker holds
+        # its own, so the worker's death reads as end-of-file on both pipes.
+        self._writers: tuple[Connection, ...] = (channel_writer, crash_writer)
+        self._pool = loky.ProcessPoolExecutor(
+            max_workers=1,
+            context=context,
+            initializer=_worker._init,
+            initargs=(channel_writer, crash_writer),
+            timeout=None,
+            env=_WORKER_ENV,
+        )
+        self._process: Any = None
+        self.executor_token: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else int(self._process.pid)
+
+    def submit(self, token: int, blob: bytes, spec_bytes: bytes) -> Future[None]:
+        """Start one step; raises loky's BrokenProcessPool if the worker is gone."""
+        shipped = None if token == self.executor_token else blob
+        future: Future[None] = self._pool.submit(_worker.run_step, token, shipped, spec_bytes)
+        self.executor_token = token
+        if self._writers:  # the first submit started the worker process
+            self._process = next(iter(self._pool._processes.values()))
+            for writer in self._writers:
+                writer.close()
+            self._writers = ()
+        return future
+
+    def exit_code(self) -> int | None:
+        """The dead worker's exit code (negative: the signal that killed it)."""
+        if self._process is None:
+            return None
+        self._process.join(timeout=1.0)
+        code = self._process.exitcode
+        return None if code is None else int(code)
+
+    def crash_dump(self) -> str:
+        """What faulthandler wrote before the worker died ('' if nothing)."""
+        chunks = []
+        fd = self._crash_reader.fileno()
+        while self._crash_reader.poll(0):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def close(self, *, kill: bool) -> None:
+        """Stop the worker (at once when ``kill``) and release the pipes."""
+        self._pool.shutdown(wait=True, kill_workers=kill)
+        for conn in (self.channel, self._crash_reader, *self._writers):
+            conn.close()
+        self._writers = ()
+
+
+class _Engine:
+    """Lends warm lanes to calls and takes the healthy ones back."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Lane] = []
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+
+    def next_token(self) -> int:
+        """A fresh id for one call's executor, so each worker unpickles it once."""
+        return next(self._tokens)
+
+    def acquire(self, count: int) -> list[_Lane]:
+        with self._lock:
+            lanes = self._idle[-count:] if count else []
+            del self._idle[len(self._idle) - len(lanes) :]
+        return lanes + [_Lane() for _ in range(count - len(lanes))]
+
+    def release(self, lanes: list[_Lane]) -> None:
+        with self._lock:
+            self._idle.extend(lanes)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            lanes, self._idle = self._idle, []
+        for lane in lanes:
+            lane.close(kill=False)
+
+
+_engine = _Engine()
+atexit.register(_engine.shutdown)
+
+
+def shutdown() -> None:
+    """Stop every idle worker process that procorch keeps warm between calls.
+
+    The next call starts fresh workers. procorch also does this on interpreter
+    exit; call it yourself to free the processes sooner.
+    """
+    _engine.shutdown()

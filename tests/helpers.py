@@ -1,0 +1,213 @@
+"""Executors that behave (and misbehave) on purpose, importable by workers.
+
+Steps pick their behaviour from ``spec.agent``. Anything a test needs to see
+across processes is written to files in a directory the test owns, since the
+executor runs in other processes than the test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from procorch import AgentExecutor, AgentStepSpec, EventSink, StepOutcome
+
+
+def ok_outcome(spec: AgentStepSpec, **fields: Any) -> StepOutcome:
+    """The outcome an ordinary step returns."""
+    return StepOutcome(
+        task_id=spec.task_id,
+        session_id=f"task-run-{spec.task_id}",
+        agent=spec.agent,
+        output=f"ran: {spec.prompt}",
+        success=True,
+        **fields,
+    )
+
+
+class SeedExecutor(AgentExecutor):
+    """The seed's mock: sleeps, fails for agent 'fail', raises for agent 'boom'.
+
+    Every step appends its start and end (monotonic clock, shared by all
+    processes on the machine) to ``record_dir`` so tests can compute peaks.
+    """
+
+    def __init__(self, hint: int, record_dir: Path, sleep: float = 0.02) -> None:
+        self.hint = hint
+        self.record_dir = Path(record_dir)
+        self.sleep = sleep
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        start = time.monotonic()
+        time.sleep(self.sleep)
+        end = time.monotonic()
+        record = {"task_id": spec.task_id, "pid": os.getpid(), "start": start, "end": end}
+        (self.record_dir / f"{spec.task_id}.json").write_text(json.dumps(record))
+        if spec.agent == "boom":
+            raise AssertionError("boom")
+        return StepOutcome(
+            task_id=spec.task_id,
+            session_id=f"task-run-{spec.task_id}",
+            agent=spec.agent,
+            output=f"ran: {spec.prompt}",
+            success=spec.agent != "fail",
+        )
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+
+def read_records(record_dir: Path) -> list[dict[str, Any]]:
+    """Every record a SeedExecutor wrote."""
+    return [json.loads(path.read_text()) for path in sorted(Path(record_dir).glob("*.json"))]
+
+
+def peak_overlap(records: list[dict[str, Any]]) -> int:
+    """The most steps whose [start, end] intervals overlapped at one instant."""
+    edges = sorted(
+        [(r["start"], 1) for r in records] + [(r["end"], -1) for r in records],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    active = peak = 0
+    for _, change in edges:
+        active += change
+        peak = max(peak, active)
+    return peak
+
+
+class BareExecutor(AgentExecutor):
+    """An executor that keeps the default concurrency hint."""
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        return StepOutcome.failed(spec.task_id, spec.agent, "unused")
+
+
+def _wait_for_peers(barrier_dir: str, parties: int, deadline: float = 30.0) -> None:
+    """Block until ``parties`` steps have reached the barrier (files in a directory)."""
+    Path(barrier_dir, f"{os.getpid()}").touch()
+    end = time.monotonic() + deadline
+    while len(os.listdir(barrier_dir)) < parties and time.monotonic() < end:
+        time.sleep(0.005)
+
+
+class FaultyExecutor(AgentExecutor):
+    """Each step does what its agent names; 'ok' steps succeed.
+
+    Faults: segfault, abort, sigbus, sigfpe, exit, sigkill, raise, systemexit,
+    keyboardinterrupt, not_an_outcome, unsendable, bad_field, hang (sleeps
+    until killed from outside). With ``barrier_dir``, the faulty steps wait
+    for ``parties`` of them to arrive before failing, so they fail together.
+    """
+
+    def __init__(self, hint: int = 2, barrier_dir: str | None = None, parties: int = 0) -> None:
+        self.hint = hint
+        self.barrier_dir = barrier_dir
+        self.parties = parties
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        events.emit({"step": spec.task_id, "phase": "begin"})
+        fault = spec.agent
+        if fault != "ok" and self.barrier_dir is not None:
+            _wait_for_peers(self.barrier_dir, self.parties)
+        if fault == "segfault":
+            ctypes.string_at(0)
+        elif fault == "abort":
+            os.abort()
+        elif fault == "sigbus":
+            os.kill(os.getpid(), signal.SIGBUS)
+        elif fault == "sigfpe":
+            os.kill(os.getpid(), signal.SIGFPE)
+        elif fault == "exit":
+            os._exit(3)
+        elif fault == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault == "hang":
+            time.sleep(3600)
+        elif fault == "raise":
+            raise ValueError(f"bad input in {spec.task_id}")
+        elif fault == "systemexit":
+            raise SystemExit(2)
+        elif fault == "keyboardinterrupt":
+            raise KeyboardInterrupt
+        elif fault == "not_an_outcome":
+            return {"task_id": spec.task_id}  # type: ignore[return-value]
+        elif fault == "unsendable":
+            return ok_outcome(spec, structured={"when": object()})
+        elif fault == "bad_field":
+            return StepOutcome(spec.task_id, "s", spec.agent, "out", "yes")  # type: ignore[arg-type]
+        time.sleep(0.01)
+        events.emit({"step": spec.task_id, "phase": "end"})
+        return ok_outcome(spec)
+
+
+class ChattyExecutor(AgentExecutor):
+    """Emits ``count`` numbered progress events per step, then succeeds."""
+
+    def __init__(self, count: int, hint: int = 2) -> None:
+        self.count = count
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        for number in range(self.count):
+            events.emit(number)
+        if spec.agent == "unencodable":
+            events.emit(object())
+        return ok_outcome(spec)
+
+
+class PidExecutor(AgentExecutor):
+    """Returns its worker's pid as the output."""
+
+    def __init__(self, hint: int = 2) -> None:
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        time.sleep(0.05)
+        return ok_outcome(spec, structured={"pid": os.getpid()})
+
+
+def _note_unpickle(path: str) -> CountingUnpickleExecutor:
+    with open(path, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    return CountingUnpickleExecutor(path)
+
+
+class CountingUnpickleExecutor(PidExecutor):
+    """Writes a line to ``log_path`` every time it is unpickled."""
+
+    def __init__(self, log_path: str) -> None:
+        super().__init__(hint=2)
+        self.log_path = log_path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_note_unpickle, (self.log_path,))
+
+
+def _explode_on_unpickle() -> None:
+    raise RuntimeError("this executor refuses to be unpickled")
+
+
+class UnloadableExecutor(PidExecutor):
+    """Pickles in the parent, raises when unpickled in a worker."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode_on_unpickle, ())
+
+
+def spec(task_id: str, agent: str = "ok") -> AgentStepSpec:
+    """A spec like the seed's tests build."""
+    return AgentStepSpec(task_id, agent, "d", f"prompt-{task_id}")
