@@ -22,7 +22,7 @@ import cloudpickle
 import msgspec
 
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._protocol import _decode_frame, _Done, _encode, _Progress, _Started
+from ._protocol import _Done, _encode, _Progress, _Started
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -30,6 +30,7 @@ _executor_token: int | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
+_decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
 
 def _init(channel: Connection, crash_channel: Connection) -> None:
@@ -134,8 +135,8 @@ def run_step(token: int, blob: bytes | None, spec_bytes: bytes) -> None:
     outcome = _run(spec, token, blob, sink)
     duration = time.perf_counter() - start
     try:
+        _decode_outcome(_encode(outcome))  # the parent must be able to read it back
         frame = _encode(_Done(outcome, duration))
-        _decode_frame(frame)  # the parent must be able to read it back
     except TypeError as exc:
         frame = _encode(_Done(_failure(
             spec,
