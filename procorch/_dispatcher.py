@@ -95,7 +95,7 @@ def _crash_message(spec: AgentStepSpec, pid: int | None, exit_code: int | None) 
 class _Running:
     """A step in flight on a lane."""
 
-    __slots__ = ("index", "future", "started_at", "pid", "ended")
+    __slots__ = ("ended", "future", "index", "pid", "started_at")
 
     def __init__(self, index: int, future: Future[None]) -> None:
         self.index = index
@@ -202,7 +202,9 @@ class _Dispatch:
             run.started_at = time.monotonic()
             run.pid = frame.pid
             if self.emit is not None:
-                self.emit(StepStarted(index, spec.task_id, self.attempts[index], spec.agent, frame.pid))
+                self.emit(
+                    StepStarted(index, spec.task_id, self.attempts[index], spec.agent, frame.pid)
+                )
         elif isinstance(frame, _Progress):
             if self.emit is not None:
                 self.emit(StepProgress(index, spec.task_id, self.attempts[index], frame.data))
@@ -229,7 +231,6 @@ class _Dispatch:
             return  # end-of-file came first; loky's verdict is on its way
         del self.running[lane]
         index = run.index
-        spec = self.specs[index]
         exc = run.future.exception()
         if exc is None:  # the step returned without writing its outcome
             lane.close(kill=True)
@@ -290,7 +291,9 @@ class _Dispatch:
         )
         self.outcomes[index] = StepOutcome.failed(spec.task_id, spec.agent, message, error)
         if self.emit is not None:
-            self.emit(StepCrashed(index, spec.task_id, attempt, pid, exit_code, _signal_name(exit_code)))
+            self.emit(
+                StepCrashed(index, spec.task_id, attempt, pid, exit_code, _signal_name(exit_code))
+            )
             assert run.started_at is not None
             duration = time.monotonic() - run.started_at
             self.emit(StepFinished(index, spec.task_id, attempt, False, duration))

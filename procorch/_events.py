@@ -15,7 +15,7 @@ reads any of them back.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import msgspec
 
@@ -36,20 +36,20 @@ class _StepEvent(msgspec.Struct, frozen=True, tag_field="event"):
     attempt: int
 
 
-class StepStarted(_StepEvent, tag="started"):
+class StepStarted(_StepEvent, frozen=True, tag="started"):
     """A worker began the step; ``pid`` is that worker's process id."""
 
     agent: str
     pid: int
 
 
-class StepProgress(_StepEvent, tag="progress"):
+class StepProgress(_StepEvent, frozen=True, tag="progress"):
     """The executor emitted ``data`` through its event sink."""
 
     data: Any
 
 
-class StepCrashed(_StepEvent, tag="crashed"):
+class StepCrashed(_StepEvent, frozen=True, tag="crashed"):
     """The worker running the step died; ``signal`` is set when a signal killed it."""
 
     pid: int | None
@@ -57,20 +57,20 @@ class StepCrashed(_StepEvent, tag="crashed"):
     signal: str | None
 
 
-class StepRerun(_StepEvent, tag="rerun"):
+class StepRerun(_StepEvent, frozen=True, tag="rerun"):
     """The step is started again as ``attempt`` because of ``reason``."""
 
     reason: str
 
 
-class StepFinished(_StepEvent, tag="finished"):
+class StepFinished(_StepEvent, frozen=True, tag="finished"):
     """The step is over; ``duration`` is in seconds, as seen by the worker."""
 
     success: bool
     duration: float
 
 
-Event = Union[StepStarted, StepProgress, StepCrashed, StepRerun, StepFinished]
+Event = StepStarted | StepProgress | StepCrashed | StepRerun | StepFinished
 
 
 class EventSink(Protocol):

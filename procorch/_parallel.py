@@ -62,13 +62,12 @@ def _event_delivery(events: EventTarget | None) -> Callable[[Event], Any] | None
     if events is None:
         return None
     if callable(events):
-        return events  # type: ignore[no-any-return]
+        return events
     put = getattr(events, "put", None)
     if callable(put):
         return put  # type: ignore[no-any-return]
     raise TypeError(
-        f"events must be a callable or an object with a put() method "
-        f"(got {type(events).__name__})"
+        f"events must be a callable or an object with a put() method (got {type(events).__name__})"
     )
 
 

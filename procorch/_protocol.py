@@ -9,7 +9,7 @@ only spoil its own lane's channel, which dies with it.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -29,7 +29,7 @@ class _Done(msgspec.Struct, tag="d", array_like=True):
     duration: float
 
 
-_Frame = Union[_Started, _Progress, _Done]
+_Frame = _Started | _Progress | _Done
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_frame = msgspec.msgpack.Decoder(_Frame).decode

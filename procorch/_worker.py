@@ -67,7 +67,9 @@ class _ChannelSink:
             _channel.send_bytes(frame)
 
 
-def _failure(spec: AgentStepSpec, kind: Any, message: str, exc: BaseException | None) -> StepOutcome:
+def _failure(
+    spec: AgentStepSpec, kind: Any, message: str, exc: BaseException | None
+) -> StepOutcome:
     error = StepError(
         kind=kind,
         message=message,
@@ -138,17 +140,27 @@ def run_step(token: int, blob: bytes | None, spec_bytes: bytes) -> None:
         _decode_outcome(_encode(outcome))  # the parent must be able to read it back
         frame = _encode(_Done(outcome, duration))
     except TypeError as exc:
-        frame = _encode(_Done(_failure(
-            spec,
-            "serialization",
-            f"{_describe(spec)} returned an outcome that cannot be sent back: {exc}",
-            None,
-        ), duration))
+        frame = _encode(
+            _Done(
+                _failure(
+                    spec,
+                    "serialization",
+                    f"{_describe(spec)} returned an outcome that cannot be sent back: {exc}",
+                    None,
+                ),
+                duration,
+            )
+        )
     except msgspec.ValidationError as exc:
-        frame = _encode(_Done(_failure(
-            spec,
-            "invalid_result",
-            f"{_describe(spec)} returned a malformed StepOutcome: {exc}",
-            None,
-        ), duration))
+        frame = _encode(
+            _Done(
+                _failure(
+                    spec,
+                    "invalid_result",
+                    f"{_describe(spec)} returned a malformed StepOutcome: {exc}",
+                    None,
+                ),
+                duration,
+            )
+        )
     sink.close_with(frame)

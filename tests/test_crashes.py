@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from helpers import FaultyExecutor, UnloadableExecutor, spec
 
-from procorch import Event, StepCrashed, StepFinished, StepOutcome, StepStarted, execute_steps_parallel
+from procorch import (
+    Event,
+    StepCrashed,
+    StepFinished,
+    StepOutcome,
+    StepStarted,
+    execute_steps_parallel,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes")
 
@@ -24,7 +31,12 @@ BOUND = 60.0  # seconds; far above what any of these needs
 
 # fault -> (error kind, exit code, signal name, words the output must contain)
 FAULTS = {
-    "segfault": ("crash", -11, "SIGSEGV", "killed by SIGSEGV (exit code -11): a segmentation fault"),
+    "segfault": (
+        "crash",
+        -11,
+        "SIGSEGV",
+        "killed by SIGSEGV (exit code -11): a segmentation fault",
+    ),
     "abort": ("crash", -6, "SIGABRT", "killed by SIGABRT (exit code -6): abort() was called"),
     "sigbus": ("crash", -7, "SIGBUS", "killed by SIGBUS (exit code -7): a bus error"),
     "sigfpe": ("crash", -8, "SIGFPE", "killed by SIGFPE (exit code -8): a fatal arithmetic error"),
@@ -135,7 +147,11 @@ def test_sigkill_from_outside_fails_only_its_step() -> None:
     out = _timed_run(FaultyExecutor(hint=2), specs, events=kill_the_hanging_step)
     victim = out[1]
     assert not victim.success and victim.error is not None
-    assert (victim.error.kind, victim.error.signal, victim.error.exit_code) == ("crash", "SIGKILL", -9)
+    assert (victim.error.kind, victim.error.signal, victim.error.exit_code) == (
+        "crash",
+        "SIGKILL",
+        -9,
+    )
     assert "out-of-memory killer" in victim.output
     _assert_ok(out, ["a", "b", "c"])
 

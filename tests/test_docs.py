@@ -23,7 +23,8 @@ def test_readme_example_runs(tmp_path: Path) -> None:
     assert "a True 3" in lines
     assert "c True 2" in lines
     assert any(
-        line.startswith("b False step 'b' (agent 'quitter') crashed") and "exited with code 3" in line
+        line.startswith("b False step 'b' (agent 'quitter') crashed")
+        and "exited with code 3" in line
         for line in lines
     )
     assert any(line.startswith("StepProgress(") for line in lines)

@@ -29,7 +29,7 @@ def test_every_progress_event_arrives_in_order_before_finished() -> None:
     specs = [spec(str(i)) for i in range(4)]
     out = execute_steps_parallel(ChattyExecutor(2000), specs, events=seen.append)
     assert all(o.success for o in out)
-    for index, (task_id, events) in enumerate(sorted(_by_step(seen).items())):
+    for index, (_task_id, events) in enumerate(sorted(_by_step(seen).items())):
         assert isinstance(events[0], StepStarted)
         assert isinstance(events[-1], StepFinished) and events[-1].success
         progress = events[1:-1]

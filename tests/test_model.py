@@ -35,7 +35,9 @@ def test_spec_builders_return_a_new_spec() -> None:
 def test_spec_encodes_to_the_seed_json() -> None:
     """Field names and order match the seed; unset optional fields are left out."""
     spec = AgentStepSpec("t", "a", "d", "p")
-    assert msgspec.json.encode(spec) == b'{"task_id":"t","agent":"a","description":"d","prompt":"p"}'
+    assert (
+        msgspec.json.encode(spec) == b'{"task_id":"t","agent":"a","description":"d","prompt":"p"}'
+    )
     full = spec.with_max_steps(2).with_parent_session_id("s").with_output_schema({})
     assert msgspec.json.encode(full) == (
         b'{"task_id":"t","agent":"a","description":"d","prompt":"p",'

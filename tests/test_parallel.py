@@ -171,7 +171,9 @@ def test_item_that_is_not_a_spec_is_refused(tmp_path: Path) -> None:
 
 def test_duplicate_task_ids_are_refused(tmp_path: Path) -> None:
     """Two specs with one task_id name both positions."""
-    with pytest.raises(InvalidSpecError, match=r"specs\[2\]: task_id 'a' is already used by specs\[0\]"):
+    with pytest.raises(
+        InvalidSpecError, match=r"specs\[2\]: task_id 'a' is already used by specs\[0\]"
+    ):
         execute_steps_parallel(SeedExecutor(2, tmp_path), [spec("a"), spec("b"), spec("a")])
     assert _nothing_ran(tmp_path)
 
@@ -179,7 +181,9 @@ def test_duplicate_task_ids_are_refused(tmp_path: Path) -> None:
 def test_wrong_field_type_names_the_field(tmp_path: Path) -> None:
     """A field of the wrong type is named, msgspec style."""
     bad = AgentStepSpec(7, "a", "d", "p")  # type: ignore[arg-type]
-    with pytest.raises(InvalidSpecError, match=r"specs\[1\]: Expected `str`, got `int` - at `\$\.task_id`"):
+    with pytest.raises(
+        InvalidSpecError, match=r"specs\[1\]: Expected `str`, got `int` - at `\$\.task_id`"
+    ):
         execute_steps_parallel(SeedExecutor(2, tmp_path), [spec("a"), bad])
     assert _nothing_ran(tmp_path)
 
