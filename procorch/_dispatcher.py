@@ -179,6 +179,10 @@ class _Dispatch:
             self._service(lane, run)
 
     def _service(self, lane: _Lane, run: _Running) -> None:
+        # Look at the future before draining: a worker writes its last frame
+        # before its call returns, so once the future is done every frame of
+        # the step is already in the pipe. Looking after draining would race.
+        future_done = run.future.done()
         while not run.ended and lane.channel.poll(0):
             try:
                 frame = _decode_frame(lane.channel.recv_bytes())
@@ -190,7 +194,7 @@ class _Dispatch:
                 break
             if self._on_frame(lane, run, frame):
                 return
-        if run.future.done() or run.ended:
+        if future_done or run.ended:
             self._on_lost_worker(lane, run)
 
     def _on_frame(self, lane: _Lane, run: _Running, frame: Any) -> bool:

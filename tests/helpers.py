@@ -167,16 +167,17 @@ class ChattyExecutor(AgentExecutor):
 
 
 class PidExecutor(AgentExecutor):
-    """Returns its worker's pid as the output."""
+    """Returns its worker's pid as the output, after ``sleep`` seconds."""
 
-    def __init__(self, hint: int = 2) -> None:
+    def __init__(self, hint: int = 2, sleep: float = 0.05) -> None:
         self.hint = hint
+        self.sleep = sleep
 
     def concurrency_hint(self) -> int:
         return self.hint
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        time.sleep(0.05)
+        time.sleep(self.sleep)
         return ok_outcome(spec, structured={"pid": os.getpid()})
 
 

@@ -240,3 +240,12 @@ def test_shutdown_then_next_call_starts_fresh_workers(no_leaked_processes: None)
     after = {o.structured["pid"] for o in execute_steps_parallel(PidExecutor(), [spec("a")])}
     assert before.isdisjoint(after)
     assert os.getpid() not in after
+
+
+def test_thousands_of_quick_steps_all_succeed() -> None:
+    """Steps that finish faster than the parent polls are never mistaken for lost ones."""
+    out = execute_steps_parallel(
+        PidExecutor(hint=2, sleep=0.0), [spec(str(i)) for i in range(3000)]
+    )
+    assert [o.task_id for o in out] == [str(i) for i in range(3000)]
+    assert all(o.success for o in out), next(o.output for o in out if not o.success)
