@@ -11,6 +11,7 @@ from ._events import (
     StepStarted,
 )
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
+from ._guards import CancelToken, RetryPolicy
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
@@ -19,11 +20,13 @@ __all__ = [
     "DEFAULT_MAX_PARALLEL_TASKS",
     "AgentExecutor",
     "AgentStepSpec",
+    "CancelToken",
     "ErrorKind",
     "Event",
     "EventSink",
     "ExecutorError",
     "InvalidSpecError",
+    "RetryPolicy",
     "StepCrashed",
     "StepError",
     "StepFinished",

@@ -2,26 +2,37 @@
 
 Data flow for one call (the calling thread does all of it)::
 
-    specs[i] --submit--> lane (one loky worker) --frames--> lane.channel
-                            |                                   |
-                            +-- future done / broken --wake-->  +--> wait()
-                                                                      |
-       outcomes[i] <-- _Done frame, or the crash of lane's worker <---+
-       events(...) <-- _Started / _Progress frames, crash and finish
+    todo (indices) --chunk--> lane.submit --> worker runs the chunk in order
+                                                  |
+        lane.channel <-- Started / Progress / Done frames, one step at a time
+             |
+    wait() on every channel, the wake pipe (futures done, cancel) and a timer
+             |
+    frames --> events, outcomes[index]; a dead worker --> its started step
+    fails (crash), the rest of its chunk goes back to todo untouched;
+    a step past its time limit or memory cap --> its lane is killed, likewise
 
-- A lane runs at most one step at a time, so when its worker dies the step
-  it was running is the culprit and no other step is touched.
-- A step counts as started when its ``_Started`` frame arrives; a worker that
-  dies before writing it never began the step, which then runs again on a
-  fresh lane (``StepRerun``) without being charged an attempt.
-- Events for a step are delivered in the order its worker wrote them, and its
-  ``StepFinished`` only after its last frame, because all of them travel on
-  one pipe.
+- A lane's worker runs one step at a time, and the parent learns which one
+  from its ``Started`` frame, so when the worker dies (or is killed for a
+  guard) exactly that step is the culprit. Steps queued behind it on the lane
+  never began; they run again elsewhere without being charged an attempt.
+- Chunks amortise the round trip to the worker for quick steps: their size
+  grows from 1 so that a chunk lasts about ``_CHUNK_SECONDS``, and shrinks at
+  the end of the batch so every lane stays busy. Each lane also holds a
+  second chunk queued behind the running one, so a worker never waits for
+  the parent between chunks.
+- Events for a step are delivered in the order its worker wrote them, and
+  its ``StepFinished`` only after its last frame: all of them travel on one
+  pipe. A failed attempt that will be retried ends with ``StepRerun`` rather
+  than ``StepFinished``, so nothing follows a step's ``StepFinished``.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import heapq
+import math
 import os
 import signal
 import threading
@@ -29,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import wait
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -42,14 +54,29 @@ from ._events import (
     StepRerun,
     StepStarted,
 )
-from ._model import AgentStepSpec, StepError, StepOutcome
+from ._guards import CancelToken, RetryPolicy
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._pool import _engine, _Lane
 from ._protocol import _decode_frame, _Done, _Progress, _Started
 
-# A worker that dies before it starts a step (killed while idle, say) costs
-# that step nothing; past this many such deaths in a row the step is failed,
-# since something kills every worker it is sent to.
+# A worker that dies before it starts any step (killed while idle, say) costs
+# the step it was about to run nothing; past this many such deaths in a row
+# the step is failed, since something kills every worker it is sent to.
 _MAX_UNSTARTED_DEATHS = 3
+
+# Chunk sizing: a larger target amortises the round trip over more steps; a
+# smaller one keeps the tail of a batch balanced across lanes.
+_CHUNK_SECONDS = 0.005
+_MAX_CHUNK = 256
+_PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
+
+# At the end of a call, how long a lane whose steps are all done may take to
+# report its last call returned before it is killed instead of kept warm.
+_LAST_RETURN_SECONDS = 2.0
+
+# How often the memory of busy workers is read when a cap is set. A step
+# that allocates faster than cap / interval can overshoot by that much.
+_MEMORY_POLL_SECONDS = 0.02
 
 _SIGNAL_CAUSES = {
     signal.SIGSEGV: "a segmentation fault: native code touched memory it does not own",
@@ -74,8 +101,12 @@ def _signal_name(exit_code: int | None) -> str | None:
         return f"signal {-exit_code}"
 
 
+def _describe(spec: AgentStepSpec) -> str:
+    return f"step {spec.task_id!r} (agent {spec.agent!r})"
+
+
 def _crash_message(spec: AgentStepSpec, pid: int | None, exit_code: int | None) -> str:
-    who = f"step {spec.task_id!r} (agent {spec.agent!r}) crashed: its worker process (pid {pid})"
+    who = f"{_describe(spec)} crashed: its worker process (pid {pid})"
     if exit_code is None:
         return f"{who} died while running it, with an unknown exit code."
     if exit_code < 0:
@@ -92,17 +123,53 @@ def _crash_message(spec: AgentStepSpec, pid: int | None, exit_code: int | None) 
     )
 
 
-class _Running:
-    """A step in flight on a lane."""
+def _megabytes(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
-    __slots__ = ("ended", "future", "index", "pid", "started_at")
 
-    def __init__(self, index: int, future: Future[None]) -> None:
-        self.index = index
-        self.future = future
-        self.started_at: float | None = None  # set by its _Started frame
+class _CallOptions:
+    """The guards of one call, checked and resolved per step."""
+
+    __slots__ = ("call_timeout", "cancel", "capture", "memory_limit", "retry", "step_timeouts")
+
+    def __init__(
+        self,
+        *,
+        step_timeouts: Sequence[float | None],
+        call_timeout: float | None = None,
+        memory_limit: int | None = None,
+        retry: RetryPolicy | None = None,
+        capture: bool = False,
+        cancel: CancelToken | None = None,
+    ) -> None:
+        self.step_timeouts = step_timeouts
+        self.call_timeout = call_timeout
+        self.memory_limit = memory_limit
+        self.retry = retry
+        self.capture = capture
+        self.cancel = cancel
+
+
+class _LaneWork:
+    """What one lane of this call is doing."""
+
+    __slots__ = ("assigned", "ended", "futures", "lane", "pid", "started_at")
+
+    def __init__(self, lane: _Lane) -> None:
+        self.lane = lane
+        self.assigned: collections.deque[int] = collections.deque()  # in run order
+        self.futures: list[Future[None]] = []  # one per chunk not yet known done
+        self.started_at: float | None = None  # when assigned[0] began, if it has
         self.pid: int | None = None
         self.ended = False  # the channel hit end-of-file: the worker is gone
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.assigned or self.futures)
+
+
+class _Stop(Exception):
+    """Raised inside the loop when the call must end early (cancel, deadline)."""
 
 
 class _Dispatch:
@@ -115,52 +182,86 @@ class _Dispatch:
         blob: bytes,
         token: int,
         emit: Callable[[Event], Any] | None,
+        options: _CallOptions,
     ) -> None:
         self.specs = specs
         self.spec_bytes = spec_bytes
         self.blob = blob
         self.token = token
         self.emit = emit
-        self.outcomes: list[StepOutcome | None] = [None] * len(specs)
-        self.attempts = [0] * len(specs)
-        self.unstarted_deaths = [0] * len(specs)
-        self.todo = collections.deque(range(len(specs)))
-        self.idle: list[_Lane] = []
-        self.running: dict[_Lane, _Running] = {}
+        self.options = options
+        count = len(specs)
+        self.outcomes: list[StepOutcome | None] = [None] * count
+        self.remaining = count
+        self.attempts = [0] * count
+        self.unstarted_deaths = [0] * count
+        self.todo = collections.deque(range(count))
+        self.delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
+        self.works: list[_LaneWork] = []
+        self.mean_duration: float | None = None
+        self.deadline: float | None = None
+        self.next_memory_check = 0.0
         self._wake_reader, self._wake_writer = os.pipe()
         os.set_blocking(self._wake_writer, False)
         self._wake_lock = threading.Lock()  # no wake-up may hit a closed fd
         self._closed = False
 
+    # -- the loop ---------------------------------------------------------------
+
     def run(self, lane_count: int) -> list[StepOutcome]:
-        self.idle = _engine.acquire(lane_count)
+        start = time.monotonic()
+        if self.options.call_timeout is not None:
+            self.deadline = start + self.options.call_timeout
+        self.works = [_LaneWork(lane) for lane in _engine.acquire(lane_count)]
+        cancel = self.options.cancel
+        if cancel is not None:
+            cancel._listen(self._wake_up)
+        previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
         try:
-            while self.todo or self.running:
-                self._fill_idle_lanes()
-                self._wait_and_service()
+            while self.remaining:
+                now = time.monotonic()
+                if cancel is not None and cancel.cancelled:
+                    self._stop_everything("cancelled")
+                    break
+                if self.deadline is not None and now >= self.deadline:
+                    self._stop_everything("deadline")
+                    break
+                self._release_delayed(now)
+                self._assign()
+                self._wait(now)
+                for work in self.works:
+                    self._service(work)
+                self._check_time_limits()
+                self._check_memory()
         finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
+            if cancel is not None:
+                cancel._forget(self._wake_up)
             self._close()
         return [outcome for outcome in self.outcomes if outcome is not None]
 
-    # -- starting steps ---------------------------------------------------
+    def _wait(self, now: float) -> None:
+        wake_at = []
+        if self.deadline is not None:
+            wake_at.append(self.deadline)
+        if self.delayed:
+            wake_at.append(self.delayed[0][0])
+        for work in self.works:
+            if work.started_at is not None:
+                limit = self.options.step_timeouts[work.assigned[0]]
+                if limit is not None:
+                    wake_at.append(work.started_at + limit)
+                if self.options.memory_limit is not None:
+                    wake_at.append(self.next_memory_check)
+        timeout = max(0.0, min(wake_at) - now) if wake_at else None
+        listening = [work.lane.channel for work in self.works if work.busy and not work.ended]
+        ready = wait([*listening, self._wake_reader], timeout)
+        if self._wake_reader in ready:
+            os.read(self._wake_reader, 4096)
 
-    def _fill_idle_lanes(self) -> None:
-        while self.todo and self.idle:
-            lane = self.idle.pop()
-            index = self.todo.popleft()
-            try:
-                future = lane.submit(self.token, self.blob, self.spec_bytes[index])
-            except (BrokenProcessPool, ShutdownExecutorError):
-                # The worker died while idle: replace it, the step never began.
-                lane.close(kill=True)
-                self.idle.append(_Lane())
-                self.todo.appendleft(index)
-                continue
-            future.add_done_callback(self._wake)
-            self.running[lane] = _Running(index, future)
-
-    def _wake(self, _future: Future[None]) -> None:
-        # Runs in loky's manager thread, possibly after this call is over.
+    def _wake_up(self, *_: object) -> None:
+        # Runs in loky's manager thread or a canceller's, maybe after the call.
         with self._wake_lock:
             if not self._closed:
                 try:
@@ -168,43 +269,83 @@ class _Dispatch:
                 except BlockingIOError:  # full: a wake-up is pending anyway
                     pass
 
-    # -- hearing from lanes -------------------------------------------------
+    # -- starting steps -----------------------------------------------------------
 
-    def _wait_and_service(self) -> None:
-        listening = [lane.channel for lane, run in self.running.items() if not run.ended]
-        ready = wait([*listening, self._wake_reader])
-        if self._wake_reader in ready:
-            os.read(self._wake_reader, 4096)
-        for lane, run in list(self.running.items()):
-            self._service(lane, run)
+    def _release_delayed(self, now: float) -> None:
+        while self.delayed and self.delayed[0][0] <= now:
+            self.todo.append(heapq.heappop(self.delayed)[1])
 
-    def _service(self, lane: _Lane, run: _Running) -> None:
-        # Look at the future before draining: a worker writes its last frame
-        # before its call returns, so once the future is done every frame of
-        # the step is already in the pipe. Looking after draining would race.
-        future_done = run.future.done()
-        while not run.ended and lane.channel.poll(0):
-            try:
-                frame = _decode_frame(lane.channel.recv_bytes())
-            except (EOFError, OSError):
-                run.ended = True
-                break
-            except msgspec.DecodeError:  # a frame cut short by the worker's death
-                run.ended = True
-                break
-            if self._on_frame(lane, run, frame):
+    def _chunk_size(self) -> int:
+        if self.mean_duration is None:
+            return 1
+        wanted = int(_CHUNK_SECONDS / max(self.mean_duration, 1e-6))
+        fair = math.ceil(len(self.todo) / (_PIPELINE_DEPTH * len(self.works)))
+        return max(1, min(wanted, fair, _MAX_CHUNK))
+
+    def _assign(self) -> None:
+        for work in self.works:
+            if not self.todo:
                 return
-        if future_done or run.ended:
-            self._on_lost_worker(lane, run)
+            if len(work.futures) >= _PIPELINE_DEPTH or (work.futures and work.ended):
+                continue
+            size = self._chunk_size()
+            chunk = [self.todo.popleft() for _ in range(min(size, len(self.todo)))]
+            try:
+                future = work.lane.submit(
+                    self.token,
+                    self.blob,
+                    [self.spec_bytes[index] for index in chunk],
+                    self.options.capture,
+                )
+            except (BrokenProcessPool, ShutdownExecutorError):
+                # The worker died while idle; the chunk never began.
+                self.todo.extendleft(reversed(chunk))
+                if not work.futures:
+                    self._replace_lane(work)
+                continue
+            future.add_done_callback(self._wake_up)
+            work.futures.append(future)
+            work.assigned.extend(chunk)
 
-    def _on_frame(self, lane: _Lane, run: _Running, frame: Any) -> bool:
-        """Handle one frame; True when the step is over and the lane is free."""
-        index = run.index
+    # -- hearing from lanes ---------------------------------------------------------
+
+    def _service(self, work: _LaneWork) -> None:
+        if not work.busy:
+            return
+        # Look at the futures before draining: a worker writes a chunk's last
+        # frame before its call returns, so once a future is done every frame
+        # of its chunk is already in the pipe. Looking after draining races.
+        done = [future for future in work.futures if future.done()]
+        channel = work.lane.channel
+        while not work.ended and channel.poll(0):
+            try:
+                frame = _decode_frame(channel.recv_bytes())
+            except (EOFError, OSError, msgspec.DecodeError):
+                work.ended = True  # dead worker, perhaps mid-frame
+                break
+            self._on_frame(work, frame)
+        failed = [future for future in done if future.exception() is not None]
+        if failed:
+            self._on_lost_worker(work, failed[0].exception())
+            return
+        for future in done:
+            work.futures.remove(future)
+        if not work.futures and work.assigned:
+            # Every chunk returned, yet steps are unaccounted for: a bug.
+            for index in list(work.assigned):
+                self._fail(index, "internal", self._internal_message(index), None)
+            work.assigned.clear()
+            work.started_at = None
+        if not work.busy:
+            self._maybe_recycle(work)
+
+    def _on_frame(self, work: _LaneWork, frame: Any) -> None:
+        index = work.assigned[0]
         spec = self.specs[index]
         if isinstance(frame, _Started):
             self.attempts[index] += 1
-            run.started_at = time.monotonic()
-            run.pid = frame.pid
+            work.started_at = time.monotonic()
+            work.pid = frame.pid
             if self.emit is not None:
                 self.emit(
                     StepStarted(index, spec.task_id, self.attempts[index], spec.agent, frame.pid)
@@ -213,116 +354,302 @@ class _Dispatch:
             if self.emit is not None:
                 self.emit(StepProgress(index, spec.task_id, self.attempts[index], frame.data))
         elif isinstance(frame, _Done):
-            self._finish(index, frame.outcome, frame.duration)
-            del self.running[lane]
-            self.idle.append(lane)
-            return True
-        return False
+            work.assigned.popleft()
+            work.started_at = None
+            duration = frame.duration
+            if self.mean_duration is None:
+                self.mean_duration = duration
+            else:
+                self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
+            self._settle(index, frame.outcome, duration)
 
-    def _finish(self, index: int, outcome: StepOutcome, duration: float) -> None:
+    def _on_lost_worker(self, work: _LaneWork, exc: BaseException | None) -> None:
+        """The lane's worker died, or its call failed, before its chunk was done."""
+        lane = work.lane
+        exit_code = lane.exit_code()
+        pid = work.pid if work.pid is not None else lane.pid
+        dump = lane.crash_dump()
+        printed = lane.printed() if self.options.capture else None
+        culprit = work.assigned[0] if work.started_at is not None else None
+        duration = 0.0 if work.started_at is None else time.monotonic() - work.started_at
+        self._requeue_unstarted(work, skip_first=culprit is not None, pid=pid, code=exit_code)
+        self._replace_lane(work)
+        if culprit is None:
+            return
+        spec = self.specs[culprit]
+        if not isinstance(exc, BrokenProcessPool):
+            self._fail(culprit, "internal", self._internal_message(culprit, exc), None)
+            return
+        if self.emit is not None:
+            self.emit(
+                StepCrashed(
+                    culprit,
+                    spec.task_id,
+                    self.attempts[culprit],
+                    pid,
+                    exit_code,
+                    _signal_name(exit_code),
+                )
+            )
+        error = StepError(
+            kind="crash",
+            message=_crash_message(spec, pid, exit_code),
+            traceback=dump or None,
+            exit_code=exit_code,
+            signal=_signal_name(exit_code),
+            pid=pid,
+            printed=None if printed is None else printed + dump,
+        )
+        self._fail(culprit, "crash", error.message, error, duration)
+
+    def _requeue_unstarted(
+        self, work: _LaneWork, *, skip_first: bool, pid: int | None, code: int | None
+    ) -> None:
+        """Send the steps a dead lane never began back to the front of the queue."""
+        unstarted = list(work.assigned)[1 if skip_first else 0 :]
+        if unstarted and not skip_first:
+            # The worker died before it began anything: charge the first step.
+            first = unstarted[0]
+            self.unstarted_deaths[first] += 1
+            if self.unstarted_deaths[first] > _MAX_UNSTARTED_DEATHS:
+                unstarted.pop(0)
+                spec = self.specs[first]
+                message = (
+                    f"{_describe(spec)} could not start: {self.unstarted_deaths[first]} worker "
+                    f"processes in a row died before it began (the last, pid {pid}, with exit "
+                    f"code {code})."
+                )
+                error = StepError(
+                    kind="crash",
+                    message=message,
+                    exit_code=code,
+                    signal=_signal_name(code),
+                    pid=pid,
+                )
+                self._record(first, StepOutcome.failed(spec.task_id, spec.agent, message, error))
+        self.todo.extendleft(reversed(unstarted))
+
+    def _replace_lane(self, work: _LaneWork) -> None:
+        work.lane.close(kill=True)
+        work.lane = _engine.new_lane()
+        work.assigned.clear()
+        work.futures.clear()
+        work.started_at = None
+        work.pid = None
+        work.ended = False
+
+    def _maybe_recycle(self, work: _LaneWork) -> None:
+        """Replace an idle worker whose memory grew past half the cap, failing nothing."""
+        limit = self.options.memory_limit
+        if limit is not None and work.lane.memory() > limit // 2:
+            work.lane.close(kill=False)
+            work.lane = _engine.new_lane()
+
+    # -- guards ------------------------------------------------------------------
+
+    def _check_time_limits(self) -> None:
+        now = time.monotonic()
+        for work in self.works:
+            if work.started_at is None:
+                continue
+            index = work.assigned[0]
+            limit = self.options.step_timeouts[index]
+            if limit is not None and now - work.started_at > limit:
+                spec = self.specs[index]
+                message = (
+                    f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, "
+                    f"so its worker process (pid {work.pid}) was killed."
+                )
+                self._stop_lane(work, "timeout", message, limit=limit)
+
+    def _check_memory(self) -> None:
+        limit = self.options.memory_limit
+        now = time.monotonic()
+        if limit is None or now < self.next_memory_check:
+            return
+        self.next_memory_check = now + _MEMORY_POLL_SECONDS
+        for work in self.works:
+            if work.started_at is None:
+                continue
+            used = work.lane.memory()
+            if used > limit:
+                spec = self.specs[work.assigned[0]]
+                message = (
+                    f"{_describe(spec)} went over its memory cap: its worker process (pid "
+                    f"{work.pid}) and its children reached {_megabytes(used)}, more than the "
+                    f"{_megabytes(limit)} allowed, so they were killed."
+                )
+                self._stop_lane(work, "memory", message, limit=float(limit), memory=used)
+
+    def _stop_lane(
+        self,
+        work: _LaneWork,
+        kind: ErrorKind,
+        message: str,
+        *,
+        limit: float | None = None,
+        memory: int | None = None,
+    ) -> None:
+        """Kill a lane whose running step broke a guard; fail that step, requeue the rest."""
+        index = work.assigned[0]
+        assert work.started_at is not None
+        duration = time.monotonic() - work.started_at
+        printed = work.lane.printed() if self.options.capture else None
+        error = StepError(
+            kind=kind, message=message, pid=work.pid, limit=limit, memory=memory, printed=printed
+        )
+        self._requeue_unstarted(work, skip_first=True, pid=work.pid, code=None)
+        self._replace_lane(work)
+        self._fail(index, kind, message, error, duration)
+
+    def _stop_everything(self, why: str) -> None:
+        """End the call now: running steps are killed, queued ones never start."""
+        call_timeout = self.options.call_timeout
+        for work in self.works:
+            if work.started_at is not None:
+                index = work.assigned.popleft()
+                spec = self.specs[index]
+                if why == "deadline":
+                    kind: ErrorKind = "timeout"
+                    message = (
+                        f"{_describe(spec)} timed out: the call's {call_timeout:g} s limit ran "
+                        f"out while it was running, so its worker process (pid {work.pid}) "
+                        "was killed."
+                    )
+                else:
+                    kind = "cancelled"
+                    message = (
+                        f"{_describe(spec)} was cancelled while running; its worker process "
+                        f"(pid {work.pid}) was killed."
+                    )
+                printed = work.lane.printed() if self.options.capture else None
+                duration = time.monotonic() - work.started_at
+                error = StepError(
+                    kind=kind,
+                    message=message,
+                    pid=work.pid,
+                    limit=call_timeout if kind == "timeout" else None,
+                    printed=printed,
+                )
+                self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
+                self._emit_finished(index, False, duration)
+            if work.busy:
+                work.lane.close(kill=True)
+                work.lane = _engine.new_lane()
+                work.assigned.clear()
+                work.futures.clear()
+                work.started_at = None
+        before = "the call's time limit ran out" if why == "deadline" else "the call was cancelled"
+        for index, outcome in enumerate(self.outcomes):
+            if outcome is None:
+                spec = self.specs[index]
+                message = f"{_describe(spec)} did not run: {before} before it started."
+                error = StepError(
+                    kind="cancelled",
+                    message=message,
+                    attempts=self.attempts[index],
+                    limit=call_timeout if why == "deadline" else None,
+                )
+                self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
+        self.todo.clear()
+        self.delayed.clear()
+
+    # -- outcomes ---------------------------------------------------------------
+
+    def _settle(self, index: int, outcome: StepOutcome, duration: float) -> None:
+        """A finished attempt: retry it if the policy says so, else record it."""
+        error = outcome.error
+        if error is not None and self._retry(index, error):
+            return
+        self._record(index, outcome)
+        self._emit_finished(index, outcome.success, duration)
+
+    def _fail(
+        self,
+        index: int,
+        kind: ErrorKind,
+        message: str,
+        error: StepError | None,
+        duration: float = 0.0,
+    ) -> None:
+        spec = self.specs[index]
+        if error is None:
+            error = StepError(kind=kind, message=message)
+        self._settle(index, StepOutcome.failed(spec.task_id, spec.agent, message, error), duration)
+
+    def _retry(self, index: int, error: StepError) -> bool:
+        policy = self.options.retry
+        attempt = self.attempts[index]
+        if policy is None or error.kind not in policy.on or attempt >= policy.attempts:
+            return False
+        if self.emit is not None:
+            spec = self.specs[index]
+            self.emit(StepRerun(index, spec.task_id, attempt + 1, error.message))
+        delay = policy.delay_before(attempt + 1)
+        if delay > 0:
+            heapq.heappush(self.delayed, (time.monotonic() + delay, index))
+        else:
+            self.todo.append(index)
+        return True
+
+    def _record(self, index: int, outcome: StepOutcome) -> None:
         attempt = self.attempts[index]
         if outcome.error is not None and outcome.error.attempts != attempt:
             error = msgspec.structs.replace(outcome.error, attempts=attempt)
             outcome = msgspec.structs.replace(outcome, error=error)
         self.outcomes[index] = outcome
-        if self.emit is not None:
+        self.remaining -= 1
+
+    def _emit_finished(self, index: int, success: bool, duration: float) -> None:
+        if self.emit is not None and self.attempts[index]:
             spec = self.specs[index]
-            self.emit(StepFinished(index, spec.task_id, attempt, outcome.success, duration))
+            self.emit(StepFinished(index, spec.task_id, self.attempts[index], success, duration))
 
-    def _on_lost_worker(self, lane: _Lane, run: _Running) -> None:
-        """The lane's worker died or its future failed before the step's outcome came."""
-        if not run.future.done():
-            return  # end-of-file came first; loky's verdict is on its way
-        del self.running[lane]
-        index = run.index
-        exc = run.future.exception()
-        if exc is None:  # the step returned without writing its outcome
-            lane.close(kill=True)
-            self.idle.append(_Lane())
-            self._fail_internal(index, "its worker finished without reporting an outcome")
-            return
-        exit_code = lane.exit_code()
-        pid = lane.pid
-        dump = lane.crash_dump()
-        lane.close(kill=True)
-        self.idle.append(_Lane())
-        if not isinstance(exc, BrokenProcessPool):
-            self._fail_internal(index, f"{type(exc).__name__}: {exc}")
-        elif run.started_at is None:
-            self._rerun_unstarted(index, pid, exit_code)
-        else:
-            self._fail_crashed(index, run, pid, exit_code, dump)
-
-    def _rerun_unstarted(self, index: int, pid: int | None, exit_code: int | None) -> None:
-        spec = self.specs[index]
-        self.unstarted_deaths[index] += 1
-        if self.unstarted_deaths[index] > _MAX_UNSTARTED_DEATHS:
-            message = (
-                f"step {spec.task_id!r} (agent {spec.agent!r}) could not start: "
-                f"{self.unstarted_deaths[index]} worker processes in a row died before "
-                f"it began (the last, pid {pid}, with exit code {exit_code})."
-            )
-            error = StepError(
-                kind="crash",
-                message=message,
-                exit_code=exit_code,
-                signal=_signal_name(exit_code),
-                pid=pid,
-                attempts=self.attempts[index],
-            )
-            self.outcomes[index] = StepOutcome.failed(spec.task_id, spec.agent, message, error)
-            return
-        if self.emit is not None:
-            reason = f"its worker process (pid {pid}) died before the step began"
-            self.emit(StepRerun(index, spec.task_id, self.attempts[index] + 1, reason))
-        self.todo.appendleft(index)
-
-    def _fail_crashed(
-        self, index: int, run: _Running, pid: int | None, exit_code: int | None, dump: str
-    ) -> None:
-        spec = self.specs[index]
-        attempt = self.attempts[index]
-        pid = run.pid if run.pid is not None else pid
-        message = _crash_message(spec, pid, exit_code)
-        error = StepError(
-            kind="crash",
-            message=message,
-            traceback=dump or None,
-            exit_code=exit_code,
-            signal=_signal_name(exit_code),
-            pid=pid,
-            attempts=attempt,
-        )
-        self.outcomes[index] = StepOutcome.failed(spec.task_id, spec.agent, message, error)
-        if self.emit is not None:
-            self.emit(
-                StepCrashed(index, spec.task_id, attempt, pid, exit_code, _signal_name(exit_code))
-            )
-            assert run.started_at is not None
-            duration = time.monotonic() - run.started_at
-            self.emit(StepFinished(index, spec.task_id, attempt, False, duration))
-
-    def _fail_internal(self, index: int, detail: str) -> None:
-        spec = self.specs[index]
-        message = (
-            f"step {spec.task_id!r} (agent {spec.agent!r}) was lost by procorch: {detail}. "
+    def _internal_message(self, index: int, exc: BaseException | None = None) -> str:
+        detail = "its worker finished without reporting an outcome"
+        if exc is not None:
+            detail = f"{type(exc).__name__}: {exc}"
+        return (
+            f"{_describe(self.specs[index])} was lost by procorch: {detail}. "
             "This is a bug in procorch; please report it."
         )
-        error = StepError(kind="internal", message=message, attempts=self.attempts[index])
-        self.outcomes[index] = StepOutcome.failed(spec.task_id, spec.agent, message, error)
-        if self.emit is not None and self.attempts[index]:
-            self.emit(StepFinished(index, spec.task_id, self.attempts[index], False, 0.0))
 
-    # -- the end ------------------------------------------------------------
+    # -- the end ------------------------------------------------------------------
 
     def _close(self) -> None:
-        """Give healthy idle lanes back; kill lanes whose step is unfinished."""
+        """Give healthy lanes back; kill lanes whose work is unfinished."""
         with self._wake_lock:
             self._closed = True
-        for lane in self.running:
-            lane.close(kill=True)
-        self.running.clear()
-        _engine.release(self.idle)
-        self.idle = []
+        healthy = []
+        for work in self.works:
+            if not work.assigned and _returned_cleanly(work.futures):
+                healthy.append(work.lane)
+            else:
+                work.lane.close(kill=True)
+        _engine.release(healthy)
+        self.works = []
         os.close(self._wake_reader)
         os.close(self._wake_writer)
+
+
+def _returned_cleanly(futures: list[Future[None]]) -> bool:
+    """True when every chunk call returns without error (each has sent its last frame)."""
+    done, pending = concurrent.futures.wait(futures, timeout=_LAST_RETURN_SECONDS)
+    return not pending and all(future.exception() is None for future in done)
+
+
+def _raise_keyboard_interrupt_on_sigterm() -> Any:
+    """During a call in the main thread, make SIGTERM unwind like Ctrl-C.
+
+    Returns the handler to restore, or None when the caller has a SIGTERM
+    handler of its own (which is left alone) or this is not the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    return signal.signal(signal.SIGTERM, interrupt)

@@ -16,6 +16,9 @@ __all__ = ["AgentStepSpec", "ErrorKind", "StepError", "StepOutcome"]
 ErrorKind = Literal[
     "exception",
     "crash",
+    "timeout",
+    "memory",
+    "cancelled",
     "invalid_result",
     "serialization",
     "internal",
@@ -64,13 +67,22 @@ class StepError(msgspec.Struct, frozen=True, omit_defaults=True):
       signal, ``os._exit``, a SIGKILL from outside); ``exit_code``, ``signal``
       and ``pid`` say how, and ``traceback`` holds faulthandler's dump where
       the process could write one.
+    - ``timeout``: the step ran past its time limit, or the call's, and its
+      worker was killed; ``limit`` is the limit in seconds.
+    - ``memory``: the step's worker (with its child processes) went over the
+      memory cap and was killed; ``memory`` is what it reached and ``limit``
+      the cap, both in bytes.
+    - ``cancelled``: the call was cancelled (or ran out of time) before the
+      step could finish; a step that had started was stopped.
     - ``invalid_result``: the executor returned something other than a
       :class:`StepOutcome`.
     - ``serialization``: the executor could not be rebuilt in the worker, or
       its outcome could not be sent back.
     - ``internal``: procorch itself lost track of the step (a bug: report it).
 
-    ``attempts`` counts how many times the step was started.
+    ``attempts`` counts how many times the step was started. ``printed`` holds
+    the last few kilobytes the step wrote to its standard output and error,
+    when the call captured them.
     """
 
     kind: ErrorKind
@@ -80,6 +92,9 @@ class StepError(msgspec.Struct, frozen=True, omit_defaults=True):
     exit_code: int | None = None
     signal: str | None = None
     pid: int | None = None
+    limit: float | None = None
+    memory: int | None = None
+    printed: str | None = None
     attempts: int = 1
 
 

@@ -2,9 +2,13 @@
 
 A lane is one worker process behind its own single-worker loky executor, plus
 two one-way pipes from that worker to the parent: the channel (step frames)
-and the crash pipe (faulthandler's dump). Giving every worker its own executor
-is what makes crash attribution exact: when a worker dies, loky breaks only
-that executor, so the only step harmed is the one the lane was running.
+and the crash pipe (faulthandler's dump), and a file where the worker's
+standard output and error go when a call captures them. The worker leads its
+own process group, so killing the lane kills whatever its steps started.
+Giving every worker its own executor is what makes crash attribution exact:
+when a worker dies, loky breaks only that executor, so the only steps harmed
+are the lane's own: the one it was running, and the queued ones it never
+began, which run again elsewhere.
 
 The engine keeps idle lanes between calls so a second call does not pay
 process start-up again, hands lanes to calls (several calls may run at once
@@ -17,12 +21,16 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import shutil
+import signal
+import tempfile
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
 import loky
+import psutil
 from loky.backend import get_context
 
 from . import _worker
@@ -36,32 +44,34 @@ _WORKER_ENV = {"LOKY_MAX_MEMORY_LEAK_SIZE": str(2**62)}
 class _Lane:
     """One worker process, its channel, and the executor token it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture_path: str) -> None:
         context = get_context("loky")
         self.channel, channel_writer = context.Pipe(duplex=False)
         self._crash_reader, crash_writer = context.Pipe(duplex=False)
         # The parent drops its copies of the write ends once the worker holds
         # its own, so the worker's death reads as end-of-file on both pipes.
         self._writers: tuple[Connection, ...] = (channel_writer, crash_writer)
+        self.capture_path = capture_path
         self._pool = loky.ProcessPoolExecutor(
             max_workers=1,
             context=context,
             initializer=_worker._init,
-            initargs=(channel_writer, crash_writer),
+            initargs=(channel_writer, crash_writer, capture_path),
             timeout=None,
             env=_WORKER_ENV,
         )
         self._process: Any = None
+        self._psutil: psutil.Process | None = None
         self.executor_token: int | None = None
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else int(self._process.pid)
 
-    def submit(self, token: int, blob: bytes, spec_bytes: bytes) -> Future[None]:
-        """Start one step; raises loky's BrokenProcessPool if the worker is gone."""
+    def submit(self, token: int, blob: bytes, chunk: list[bytes], capture: bool) -> Future[None]:
+        """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
         shipped = None if token == self.executor_token else blob
-        future: Future[None] = self._pool.submit(_worker.run_step, token, shipped, spec_bytes)
+        future: Future[None] = self._pool.submit(_worker.run_steps, token, shipped, chunk, capture)
         self.executor_token = token
         if self._writers:  # the first submit started the worker process
             self._process = next(iter(self._pool._processes.values()))
@@ -89,12 +99,54 @@ class _Lane:
             chunks.append(chunk)
         return b"".join(chunks).decode("utf-8", "replace")
 
+    def printed(self, limit: int = 4096) -> str:
+        """The last ``limit`` bytes the current step wrote to fds 1 and 2."""
+        try:
+            with open(self.capture_path, "rb") as captured:
+                size = captured.seek(0, os.SEEK_END)
+                captured.seek(max(0, size - limit))
+                return captured.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def memory(self) -> int:
+        """Resident bytes of the worker and every process its steps started."""
+        if self._process is None:
+            return 0
+        try:
+            if self._psutil is None:
+                self._psutil = psutil.Process(self._process.pid)
+            total = int(self._psutil.memory_info().rss)
+            for child in self._psutil.children(recursive=True):
+                try:
+                    total += int(child.memory_info().rss)
+                except psutil.NoSuchProcess:
+                    pass
+            return total
+        except psutil.NoSuchProcess:
+            return 0
+
+    def _kill_group(self) -> None:
+        """SIGKILL the worker's process group: the worker and what its steps started."""
+        if self._process is not None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def close(self, *, kill: bool) -> None:
-        """Stop the worker (at once when ``kill``) and release the pipes."""
+        """Stop the worker (at once when ``kill``) and release everything the lane holds."""
+        if kill:
+            self._kill_group()
         self._pool.shutdown(wait=True, kill_workers=kill)
+        self._kill_group()  # whatever a step left running
         for conn in (self.channel, self._crash_reader, *self._writers):
             conn.close()
         self._writers = ()
+        try:
+            os.unlink(self.capture_path)
+        except FileNotFoundError:
+            pass
 
 
 class _Engine:
@@ -104,16 +156,25 @@ class _Engine:
         self._idle: list[_Lane] = []
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
+        self._lane_numbers = itertools.count(1)
+        self._scratch: str | None = None  # a directory for the lanes' capture files
 
     def next_token(self) -> int:
         """A fresh id for one call's executor, so each worker unpickles it once."""
         return next(self._tokens)
 
+    def new_lane(self) -> _Lane:
+        with self._lock:
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="procorch-")
+            path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
+        return _Lane(path)
+
     def acquire(self, count: int) -> list[_Lane]:
         with self._lock:
             lanes = self._idle[-count:] if count else []
             del self._idle[len(self._idle) - len(lanes) :]
-        return lanes + [_Lane() for _ in range(count - len(lanes))]
+        return lanes + [self.new_lane() for _ in range(count - len(lanes))]
 
     def release(self, lanes: list[_Lane]) -> None:
         with self._lock:
@@ -122,8 +183,11 @@ class _Engine:
     def shutdown(self) -> None:
         with self._lock:
             lanes, self._idle = self._idle, []
+            scratch, self._scratch = self._scratch, None
         for lane in lanes:
             lane.close(kill=False)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 _engine = _Engine()

@@ -1,10 +1,12 @@
 """The code that runs inside a worker process, and nothing else does.
 
 A worker serves one lane. ``_init`` runs once when loky starts the process:
-it keeps the lane's channel and points faulthandler at the lane's crash pipe,
-so a fatal signal leaves a Python traceback the parent can read. ``run_step``
-runs one step and reports it as frames on the channel (see ``_protocol``);
-it never raises, whatever the executor does, so the only way a step fails
+it makes the worker the leader of a new process group (so everything a step
+starts can be killed with it), keeps the lane's channel, and points
+faulthandler at the lane's crash pipe, so a fatal signal leaves a Python
+traceback the parent can read. ``run_steps`` runs a chunk of steps one after
+the other and reports each as frames on the channel (see ``_protocol``); it
+never raises, whatever the executor does, so the only way a started step ends
 without an outcome frame is the death of the process.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import sys
 import threading
 import time
 import traceback
@@ -21,11 +24,14 @@ from typing import Any
 import cloudpickle
 import msgspec
 
-from ._model import AgentStepSpec, StepError, StepOutcome
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._protocol import _Done, _encode, _Progress, _Started
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
+_capture_fd: int | None = None  # the lane's capture file, once opened
+_saved_std_fds: tuple[int, int] | None = None  # fds 1 and 2 from before capture
+_capture_path: str = ""
 _executor_token: int | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
@@ -33,11 +39,35 @@ _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
 
-def _init(channel: Connection, crash_channel: Connection) -> None:
-    global _channel, _crash_channel
+def _init(channel: Connection, crash_channel: Connection, capture_path: str) -> None:
+    global _channel, _crash_channel, _capture_path
+    os.setpgid(0, 0)
     _channel = channel
     _crash_channel = crash_channel  # kept referenced: its fd must stay open
+    _capture_path = capture_path
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
+
+
+def _capture(on: bool) -> None:
+    """Point fds 1 and 2 at the lane's capture file, emptied, or back where they were."""
+    global _capture_fd, _saved_std_fds
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    if on:
+        if _capture_fd is None:
+            _capture_fd = os.open(_capture_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if _saved_std_fds is None:
+            _saved_std_fds = (os.dup(1), os.dup(2))
+            os.dup2(_capture_fd, 1)
+            os.dup2(_capture_fd, 2)
+        os.ftruncate(_capture_fd, 0)
+    elif _saved_std_fds is not None:
+        os.dup2(_saved_std_fds[0], 1)
+        os.dup2(_saved_std_fds[1], 2)
+        for fd in _saved_std_fds:
+            os.close(fd)
+        _saved_std_fds = None
 
 
 class _ChannelSink:
@@ -68,7 +98,7 @@ class _ChannelSink:
 
 
 def _failure(
-    spec: AgentStepSpec, kind: Any, message: str, exc: BaseException | None
+    spec: AgentStepSpec, kind: ErrorKind, message: str, exc: BaseException | None
 ) -> StepOutcome:
     error = StepError(
         kind=kind,
@@ -127,40 +157,37 @@ def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink
     return result
 
 
-def run_step(token: int, blob: bytes | None, spec_bytes: bytes) -> None:
-    """Run one step and report it on the channel; never raises."""
-    assert _channel is not None, "worker used before _init"
-    _channel.send_bytes(_encode(_Started(os.getpid())))
-    spec = _decode_spec(spec_bytes)
-    sink = _ChannelSink()
-    start = time.perf_counter()
-    outcome = _run(spec, token, blob, sink)
-    duration = time.perf_counter() - start
+def _done_frame(spec: AgentStepSpec, outcome: StepOutcome, duration: float) -> bytes:
+    """The step's outcome as a frame the parent can read, or a failure saying why not."""
     try:
-        _decode_outcome(_encode(outcome))  # the parent must be able to read it back
-        frame = _encode(_Done(outcome, duration))
+        _decode_outcome(_encode(outcome))
+        return _encode(_Done(outcome, duration))
     except TypeError as exc:
-        frame = _encode(
-            _Done(
-                _failure(
-                    spec,
-                    "serialization",
-                    f"{_describe(spec)} returned an outcome that cannot be sent back: {exc}",
-                    None,
-                ),
-                duration,
-            )
-        )
+        kind: ErrorKind = "serialization"
+        message = f"{_describe(spec)} returned an outcome that cannot be sent back: {exc}"
     except msgspec.ValidationError as exc:
-        frame = _encode(
-            _Done(
-                _failure(
-                    spec,
-                    "invalid_result",
-                    f"{_describe(spec)} returned a malformed StepOutcome: {exc}",
-                    None,
-                ),
-                duration,
-            )
-        )
-    sink.close_with(frame)
+        kind = "invalid_result"
+        message = f"{_describe(spec)} returned a malformed StepOutcome: {exc}"
+    return _encode(_Done(_failure(spec, kind, message, None), duration))
+
+
+def run_steps(token: int, blob: bytes | None, chunk: list[bytes], capture: bool) -> None:
+    """Run a chunk of steps in order, reporting each on the channel; never raises."""
+    assert _channel is not None, "worker used before _init"
+    if not capture:
+        _capture(False)
+    for spec_bytes in chunk:
+        if capture:
+            _capture(True)
+        _channel.send_bytes(_encode(_Started(os.getpid())))
+        spec = _decode_spec(spec_bytes)
+        sink = _ChannelSink()
+        start = time.perf_counter()
+        outcome = _run(spec, token, blob, sink)
+        duration = time.perf_counter() - start
+        blob = None  # unpickled with the first step; the rest reuse it
+        if capture:
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
+        sink.close_with(_done_frame(spec, outcome, duration))
