@@ -199,6 +199,9 @@ class _Dispatch:
         self.delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
         self.works: list[_LaneWork] = []
         self.mean_duration: float | None = None
+        # Under a memory cap a worker must come back to the parent between
+        # steps, so that one grown too large is replaced before the next.
+        self.depth = 1 if options.memory_limit is not None else _PIPELINE_DEPTH
         self.deadline: float | None = None
         self.next_memory_check = 0.0
         self._wake_reader, self._wake_writer = os.pipe()
@@ -276,17 +279,17 @@ class _Dispatch:
             self.todo.append(heapq.heappop(self.delayed)[1])
 
     def _chunk_size(self) -> int:
-        if self.mean_duration is None:
+        if self.mean_duration is None or self.options.memory_limit is not None:
             return 1
         wanted = int(_CHUNK_SECONDS / max(self.mean_duration, 1e-6))
-        fair = math.ceil(len(self.todo) / (_PIPELINE_DEPTH * len(self.works)))
+        fair = math.ceil(len(self.todo) / (self.depth * len(self.works)))
         return max(1, min(wanted, fair, _MAX_CHUNK))
 
     def _assign(self) -> None:
         for work in self.works:
             if not self.todo:
                 return
-            if len(work.futures) >= _PIPELINE_DEPTH or (work.futures and work.ended):
+            if len(work.futures) >= self.depth or (work.futures and work.ended):
                 continue
             size = self._chunk_size()
             chunk = [self.todo.popleft() for _ in range(min(size, len(self.todo)))]

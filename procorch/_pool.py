@@ -34,6 +34,7 @@ import psutil
 from loky.backend import get_context
 
 from . import _worker
+from ._protocol import _read_tail
 
 # loky recycles a worker whose memory grew by 300 MB when psutil is present;
 # a respawned worker would find its lane's pipes gone, so lanes opt out and
@@ -99,15 +100,9 @@ class _Lane:
             chunks.append(chunk)
         return b"".join(chunks).decode("utf-8", "replace")
 
-    def printed(self, limit: int = 4096) -> str:
-        """The last ``limit`` bytes the current step wrote to fds 1 and 2."""
-        try:
-            with open(self.capture_path, "rb") as captured:
-                size = captured.seek(0, os.SEEK_END)
-                captured.seek(max(0, size - limit))
-                return captured.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+    def printed(self) -> str:
+        """The end of what the lane's current step wrote to fds 1 and 2."""
+        return _read_tail(self.capture_path)
 
     def memory(self) -> int:
         """Resident bytes of the worker and every process its steps started."""

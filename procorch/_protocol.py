@@ -9,6 +9,7 @@ only spoil its own lane's channel, which dies with it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgspec
@@ -33,3 +34,18 @@ _Frame = _Started | _Progress | _Done
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_frame = msgspec.msgpack.Decoder(_Frame).decode
+
+# How much of what a step printed a failed outcome keeps: the end, where the
+# error usually is.
+_PRINTED_TAIL_BYTES = 4096
+
+
+def _read_tail(path: str) -> str:
+    """The last _PRINTED_TAIL_BYTES of a capture file, as text ('' if absent)."""
+    try:
+        with open(path, "rb") as captured:
+            size = captured.seek(0, os.SEEK_END)
+            captured.seek(max(0, size - _PRINTED_TAIL_BYTES))
+            return captured.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""

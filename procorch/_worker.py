@@ -25,7 +25,7 @@ import cloudpickle
 import msgspec
 
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
-from ._protocol import _Done, _encode, _Progress, _Started
+from ._protocol import _Done, _encode, _Progress, _read_tail, _Started
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -186,8 +186,16 @@ def run_steps(token: int, blob: bytes | None, chunk: list[bytes], capture: bool)
         outcome = _run(spec, token, blob, sink)
         duration = time.perf_counter() - start
         blob = None  # unpickled with the first step; the rest reuse it
-        if capture:
-            for stream in (sys.stdout, sys.stderr):
-                if stream is not None:
-                    stream.flush()
+        if capture and outcome.error is not None:
+            outcome = _with_printed(outcome)
         sink.close_with(_done_frame(spec, outcome, duration))
+
+
+def _with_printed(outcome: StepOutcome) -> StepOutcome:
+    """The failed outcome with the end of what its step printed."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    assert outcome.error is not None
+    error = msgspec.structs.replace(outcome.error, printed=_read_tail(_capture_path))
+    return msgspec.structs.replace(outcome, error=error)

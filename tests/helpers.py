@@ -212,3 +212,92 @@ class UnloadableExecutor(PidExecutor):
 def spec(task_id: str, agent: str = "ok") -> AgentStepSpec:
     """A spec like the seed's tests build."""
     return AgentStepSpec(task_id, agent, "d", f"prompt-{task_id}")
+
+
+_leaked: list[bytearray] = []  # memory a LeakyExecutor step keeps after it returns
+
+
+class GuardExecutor(AgentExecutor):
+    """Steps that hang, hog memory, print, start children or fail for a while.
+
+    Agents: ok, c_hang (blocked in a C call), py_busy (a Python busy loop),
+    hog (allocates until stopped), leak (keeps ``leak_bytes`` after it
+    returns), child_then_crash / child_then_hang (start a grandchild that
+    sleeps forever, then segfault or hang), print_then_raise,
+    print_then_segfault, print_megabytes, flaky (fails until its attempt
+    number in ``state_dir`` reaches ``succeed_on``), always_raise,
+    always_crash, slow. Pids of workers and grandchildren go to ``state_dir``.
+    """
+
+    def __init__(
+        self,
+        state_dir: str,
+        hint: int = 2,
+        succeed_on: int = 3,
+        leak_bytes: int = 0,
+    ) -> None:
+        self.state_dir = state_dir
+        self.hint = hint
+        self.succeed_on = succeed_on
+        self.leak_bytes = leak_bytes
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def _note(self, kind: str, pid: int) -> None:
+        Path(self.state_dir, f"{kind}-{pid}").touch()
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        import subprocess
+
+        self._note("worker", os.getpid())
+        agent = spec.agent
+        if agent == "c_hang":
+            ctypes.CDLL(None).sleep(3600)
+        elif agent == "py_busy":
+            while True:
+                pass
+        elif agent == "hog":
+            hoard = []
+            for _ in range(400):  # at most 4 GiB: far above any cap a test sets
+                hoard.append(bytearray(10 * 2**20))  # bytearray() touches its pages
+                time.sleep(0.005)
+        elif agent == "leak":
+            _leaked.append(bytearray(self.leak_bytes))
+            events.emit({"pid": os.getpid()})
+        elif agent in ("child_then_crash", "child_then_hang"):
+            child = subprocess.Popen(["sleep", "3600"])
+            self._note("grandchild", child.pid)
+            if agent == "child_then_crash":
+                ctypes.string_at(0)
+            time.sleep(3600)
+        elif agent == "print_then_raise":
+            print("python says hello", flush=False)
+            os.write(1, b"fd 1 says hello\n")
+            subprocess.run(["sh", "-c", "echo child says hello >&2"], check=True)
+            raise RuntimeError("failed after printing")
+        elif agent == "print_then_segfault":
+            print("about to crash")
+            ctypes.string_at(0)
+        elif agent == "print_megabytes":
+            line = b"x" * 1023 + b"\n"
+            for _ in range(5 * 1024):
+                os.write(1, line)
+            os.write(2, b"the end of the output\n")
+            raise RuntimeError("printed five megabytes")
+        elif agent == "flaky":
+            attempt = len(list(Path(self.state_dir).glob(f"try-{spec.task_id}-*"))) + 1
+            Path(self.state_dir, f"try-{spec.task_id}-{attempt}").touch()
+            if attempt < self.succeed_on:
+                raise ConnectionError(f"attempt {attempt} failed")
+        elif agent == "always_raise":
+            raise ConnectionError("never works")
+        elif agent == "always_crash":
+            ctypes.string_at(0)
+        elif agent == "slow":
+            time.sleep(0.3)
+        return ok_outcome(spec, structured={"pid": os.getpid()})
+
+    def pids(self, kind: str) -> set[int]:
+        """Pids noted under ``kind`` (worker or grandchild)."""
+        return {int(p.name.split("-")[1]) for p in Path(self.state_dir).glob(f"{kind}-*")}

@@ -1,0 +1,570 @@
+"""One trial of bench_peers.py: one workload on one pool, in a process of its own.
+
+bench_peers.py starts ``python bench_peers.py --trial WORKLOAD POOL PARAMS`` for
+every (workload, pool, repetition); this module is what that process runs. It
+prints one line, ``RESULT {json}``, holding the trial's figures, or the status
+``broken`` with the reason the pool could not go on. A trial that never ends
+is the parent's business: it kills the trial's whole process group.
+
+The peers are driven through one small interface (``Peer``) so each workload
+is written once for all of them; procorch, whose API is a batch call with an
+event stream, has a function of its own per workload.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import _peer_workloads as work
+import psutil
+
+Outcome = tuple[bool, Any]  # (succeeded, value or exception)
+Finish = Callable[[], list[Outcome]]
+MIB = 1024 * 1024
+
+
+class PoolBroken(Exception):
+    """The pool cannot run another step; the message says why."""
+
+
+# -- the peers ---------------------------------------------------------------
+
+
+class _Refused:
+    """Stands for a step that the pool refused to take."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class Peer:
+    """A pool driven by submitting one call per step and waiting on its handle."""
+
+    name = ""
+    survives_crashes = False  # keeps serving steps after a worker dies
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.workers = 2
+        self.init: tuple[Any, tuple[Any, ...]] = (None, ())
+
+    def start(self, workers: int, initializer: Any = None, initargs: tuple[Any, ...] = ()) -> None:
+        self.workers = workers
+        self.init = (initializer, initargs)
+        self.pool = self._make()
+
+    def _make(self) -> Any:
+        raise NotImplementedError
+
+    def make_queue(self) -> Any:
+        """A queue the workers can receive through the pool's initializer."""
+        import multiprocessing
+
+        return multiprocessing.Queue()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, *args)
+
+    def result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A handle, or the exception submit raised (a broken pool refuses new work)."""
+        try:
+            return self.submit(fn, *args)
+        except Exception as exc:
+            return _Refused(exc)
+
+    def outcome(self, handle: Any) -> Outcome:
+        """Wait for ``handle``: (True, its value) or (False, the exception)."""
+        if isinstance(handle, _Refused):
+            return False, handle.exc
+        try:
+            return True, self.result(handle)
+        except Exception as exc:
+            return False, exc
+
+    def start_batch(self, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]) -> Finish:
+        """Submit every call now; the returned function waits for them in order."""
+        handles = [self.try_submit(fn, *args) for args in arg_tuples]
+        return lambda: [self.outcome(handle) for handle in handles]
+
+    def map_outcomes(
+        self, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]
+    ) -> list[Outcome]:
+        return self.start_batch(fn, arg_tuples)()
+
+    def after_crash(self) -> None:
+        """What a user does after a worker died, before submitting again."""
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class LokyPeer(Peer):
+    """``loky.get_reusable_executor(max_workers=2)`` and a submit loop."""
+
+    name = "loky"
+
+    def _make(self) -> Any:
+        import loky
+
+        initializer, initargs = self.init
+        return loky.get_reusable_executor(
+            max_workers=self.workers, initializer=initializer, initargs=initargs
+        )
+
+    def make_queue(self) -> Any:
+        from loky.backend import get_context
+
+        return get_context("loky").Queue()
+
+    def after_crash(self) -> None:
+        self.pool = self._make()  # a broken reusable executor is replaced on the next call
+
+
+class ProcessPoolPeer(Peer):
+    """``concurrent.futures.ProcessPoolExecutor(2)`` (fork, Linux's default)."""
+
+    name = "ProcessPoolExecutor"
+
+    def _make(self) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        initializer, initargs = self.init
+        return ProcessPoolExecutor(self.workers, initializer=initializer, initargs=initargs)
+
+
+class PebblePeer(Peer):
+    """``pebble.ProcessPool(max_workers=2)``: schedule, then result."""
+
+    name = "pebble"
+    survives_crashes = True
+
+    def _make(self) -> Any:
+        import pebble
+
+        initializer, initargs = self.init
+        return pebble.ProcessPool(
+            max_workers=self.workers, initializer=initializer, initargs=initargs
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.schedule(fn, args=args)
+
+    def close(self) -> None:
+        self.pool.stop()
+        self.pool.join()
+
+
+class MultiprocessingPeer(Peer):
+    """``multiprocessing.Pool(2)``: apply_async, then get (fork, Linux's default)."""
+
+    name = "multiprocessing.Pool"
+    survives_crashes = True  # it replaces a dead worker, but the dead worker's task never returns
+
+    def _make(self) -> Any:
+        import multiprocessing
+
+        initializer, initargs = self.init
+        return multiprocessing.Pool(self.workers, initializer, initargs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    def result(self, handle: Any) -> Any:
+        return handle.get()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+class JoblibPeer(Peer):
+    """``joblib.Parallel(n_jobs=2, backend="loky")`` over the batch, results as a generator.
+
+    joblib runs ``n_jobs=1`` in the calling process (a segfault would kill the
+    trial), so it always gets at least 2 workers.
+    """
+
+    name = "joblib"
+
+    def _make(self) -> Any:
+        return None  # joblib keeps its own reusable executor between Parallel calls
+
+    def make_queue(self) -> Any:
+        from joblib.externals.loky.backend import get_context
+
+        return get_context("loky").Queue()
+
+    def _parallel(self) -> Any:
+        import joblib
+
+        initializer, initargs = self.init
+        extra = {} if initializer is None else {"initializer": initializer, "initargs": initargs}
+        return joblib.Parallel(
+            n_jobs=max(2, self.workers), backend="loky", return_as="generator", **extra
+        )
+
+    def _run(self, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]) -> list[Outcome]:
+        import joblib
+
+        outcomes: list[Outcome] = []
+        try:
+            for value in self._parallel()(joblib.delayed(fn)(*args) for args in arg_tuples):
+                outcomes.append((True, value))
+        except Exception as exc:  # the whole call fails: every result not yet yielded is lost
+            outcomes += [(False, exc)] * (len(arg_tuples) - len(outcomes))
+        return outcomes
+
+    def start_batch(self, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]) -> Finish:
+        box: list[list[Outcome]] = []
+        thread = threading.Thread(target=lambda: box.append(self._run(fn, arg_tuples)))
+        thread.start()
+
+        def finish() -> list[Outcome]:
+            thread.join()
+            return box[0]
+
+        return finish
+
+    def map_outcomes(
+        self, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]
+    ) -> list[Outcome]:
+        return self._run(fn, arg_tuples)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._run(fn, [args])[0]  # a finished (ok, value) pair
+
+    def result(self, handle: Any) -> Any:
+        ok, value = handle
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+PEERS: dict[str, type[Peer]] = {
+    peer.name: peer
+    for peer in (LokyPeer, ProcessPoolPeer, PebblePeer, MultiprocessingPeer, JoblibPeer)
+}
+
+
+def warm_peer(peer: Peer) -> None:
+    """Start every worker and run a few steps, so start-up is not timed."""
+    for _ in range(2):
+        peer.map_outcomes(work.noop, [(str(i),) for i in range(10 * peer.workers)])
+    peer.map_outcomes(work.busy_loop, [(20_000,)] * (4 * peer.workers))
+
+
+# -- procorch ------------------------------------------------------------------
+
+
+def _procorch() -> Any:
+    import procorch
+
+    return procorch
+
+
+def _specs(count: int) -> list[Any]:
+    spec = _procorch().AgentStepSpec
+    return [spec(str(i), "step", "", "") for i in range(count)]
+
+
+def warm_procorch(workers: int) -> None:
+    """Start the lanes and run a few steps on each."""
+    procorch = _procorch()
+    for _ in range(2):
+        procorch.execute_steps_parallel(work.NoopExecutor(workers), _specs(10 * workers))
+
+
+def timed_procorch(executor: Any, specs: list[Any], events: Any = None) -> tuple[float, list[Any]]:
+    """Seconds for one execute_steps_parallel call, and its outcomes."""
+    start = time.perf_counter()
+    outcomes = _procorch().execute_steps_parallel(executor, specs, events=events)
+    return time.perf_counter() - start, outcomes
+
+
+def _timed_peer(
+    peer: Peer, fn: Callable[..., Any], arg_tuples: Sequence[tuple[Any, ...]]
+) -> tuple[float, list[Outcome]]:
+    start = time.perf_counter()
+    outcomes = peer.map_outcomes(fn, arg_tuples)
+    return time.perf_counter() - start, outcomes
+
+
+def _succeeded(outcomes: Sequence[Any]) -> int:
+    return sum(1 for o in outcomes if (o[0] if isinstance(o, tuple) else o.success))
+
+
+# -- the workloads ---------------------------------------------------------------
+
+
+def dispatch(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """Wall time for ``steps`` no-op steps on a warm pool."""
+    steps = p["steps"]
+    if peer is None:
+        specs = _specs(steps)
+        seconds, outcomes = timed_procorch(work.NoopExecutor(2), specs)
+    else:
+        seconds, outcomes = _timed_peer(peer, work.noop, [(str(i),) for i in range(steps)])
+    return {"seconds": seconds, "steps": steps, "succeeded": _succeeded(outcomes)}
+
+
+def cpu(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """Speed-up of ``steps`` calibrated busy loops over running them serially here."""
+    steps, loops = p["steps"], p["loops"]
+    start = time.perf_counter()
+    for _ in range(steps):
+        work.busy_loop(loops)
+    serial = time.perf_counter() - start
+    if peer is None:
+        seconds, outcomes = timed_procorch(work.BusyExecutor(loops), _specs(steps))
+    else:
+        seconds, outcomes = _timed_peer(peer, work.busy_loop, [(loops,)] * steps)
+    return {
+        "serial": serial,
+        "seconds": seconds,
+        "speedup": serial / seconds,
+        "step_ms": serial / steps * 1e3,
+        "succeeded": _succeeded(outcomes),
+    }
+
+
+def _broken_after(lost: list[int], every: int) -> int:
+    """Which crash (1-based) broke the pool: the last one before the first lost innocent."""
+    first_lost = min(lost)
+    return max(1, sum(1 for i in range(first_lost) if work.is_crash_index(i, every)))
+
+
+def crash(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` short steps, every ``every``-th of which segfaults: who is blamed, who is lost."""
+    steps, every, seconds_each = p["steps"], p["every"], p["step_seconds"]
+    if peer is None:
+        executor = work.CrashyExecutor(every, seconds_each)
+        seconds, raw = timed_procorch(executor, _specs(steps))
+        results: list[tuple[bool, str]] = [
+            (o.success, "ok" if o.success else (o.error.kind if o.error else "failed")) for o in raw
+        ]
+    else:
+        args = [(i, every, seconds_each) for i in range(steps)]
+        seconds, outcomes = _timed_peer(peer, work.sleep_or_crash, args)
+        results = [(ok, "ok" if ok else type(value).__name__) for ok, value in outcomes]
+    crash_steps = [i for i in range(steps) if work.is_crash_index(i, every)]
+    lost = [i for i, (ok, _) in enumerate(results) if not ok and i not in crash_steps]
+    innocent_errors = collections.Counter(results[i][1] for i in lost)
+    crash_errors = collections.Counter(results[i][1] for i in crash_steps if not results[i][0])
+    if peer is None:
+        labelled = crash_errors.get("crash", 0)
+    else:  # a crash counts only if its error is one no innocent step got
+        labelled = sum(n for kind, n in crash_errors.items() if kind not in innocent_errors)
+    return {
+        "seconds": seconds,
+        "crashes": len(crash_steps),
+        "labelled": labelled,
+        "innocents": steps - len(crash_steps),
+        "lost": len(lost),
+        "crash_errors": dict(crash_errors),
+        "innocent_errors": dict(innocent_errors),
+        "broken_after": _broken_after(lost, every) if lost else None,
+    }
+
+
+class _CrashWatch:
+    """procorch events: seconds from each StepCrashed to the next StepStarted."""
+
+    def __init__(self) -> None:
+        self.crashed_at: float | None = None
+        self.gaps: list[float] = []
+
+    def __call__(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "StepCrashed":
+            self.crashed_at = time.perf_counter()
+        elif kind == "StepStarted" and self.crashed_at is not None:
+            self.gaps.append(time.perf_counter() - self.crashed_at)
+            self.crashed_at = None
+
+
+def _recovery_procorch(paths: list[str]) -> tuple[list[float], dict[str, Any]]:
+    spec = _procorch().AgentStepSpec
+    specs = []
+    for i, path in enumerate(paths):
+        specs += [spec(f"c{i}", work.CRASH_AGENT, "", path), spec(f"s{i}", "stamp", "", "")]
+    watch = _CrashWatch()
+    _, outcomes = timed_procorch(work.RecoveryExecutor(1), specs, events=watch)
+    kinds = collections.Counter(o.error.kind for o in outcomes[::2] if o.error)
+    if kinds.get("crash") != len(paths):
+        raise PoolBroken(f"crash steps were labelled {dict(kinds)}")
+    stamps = [float(o.output) for o in outcomes[1::2]]
+    return stamps, {"event_gap_ms": [gap * 1e3 for gap in watch.gaps]}
+
+
+def _recovery_pipelined(peer: Peer, paths: list[str]) -> list[float]:
+    """Submit crash, stamp, crash, stamp... at once; wait only on the stamps."""
+    stamps = []
+    for i, path in enumerate(paths):
+        peer.submit(work.stamp_then_crash, path)
+        stamps.append(peer.submit(work.start_stamp, f"s{i}"))
+    return [peer.result(handle) for handle in stamps]
+
+
+def _recovery_resubmit(peer: Peer, paths: list[str]) -> list[float]:
+    """Wait for each crash to be reported, do what the pool needs, then submit the next step."""
+    stamps = []
+    for i, path in enumerate(paths):
+        ok, _ = peer.outcome(peer.try_submit(work.stamp_then_crash, path))
+        assert not ok, "a segfaulting step succeeded"
+        peer.after_crash()
+        ok, value = peer.outcome(peer.try_submit(work.start_stamp, f"s{i}"))
+        if not ok:
+            raise PoolBroken(f"{type(value).__name__} on every step after crash #{i + 1}")
+        stamps.append(value)
+    return stamps
+
+
+def recovery(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """Gap from a crashing step's last timestamp to the next step's first, on one worker."""
+    extra: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"crash-{i}") for i in range(p["crashes"])]
+        if peer is None:
+            stamps, extra = _recovery_procorch(paths)
+        elif peer.survives_crashes:
+            stamps = _recovery_pipelined(peer, paths)
+        else:
+            stamps = _recovery_resubmit(peer, paths)
+        crashed_at = [float(Path(path).read_text()) for path in paths]
+    gaps = [(after - before) * 1e3 for before, after in zip(crashed_at, stamps, strict=True)]
+    mode = "pipelined" if peer is None or peer.survives_crashes else "resubmit"
+    return {"gaps_ms": gaps, "mode": mode, **extra}
+
+
+def _latency_summary(latencies: list[float], seconds: float) -> dict[str, Any]:
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "events": count,
+        "seconds": seconds,
+        "per_second": count / seconds,
+        "p50_ms": latencies[count // 2] * 1e3,
+        "p99_ms": latencies[min(count - 1, int(count * 0.99))] * 1e3,
+        "max_ms": latencies[-1] * 1e3,
+    }
+
+
+def _events_procorch(steps: int, per_step: int) -> dict[str, Any]:
+    from procorch import StepProgress
+
+    latencies: list[float] = []
+    clock = time.monotonic
+
+    def on_event(event: Any) -> None:
+        if type(event) is StepProgress:
+            latencies.append(clock() - event.data)
+
+    _procorch().execute_steps_parallel(work.EmitExecutor(100), _specs(4), events=on_event)
+    latencies.clear()
+    seconds, outcomes = timed_procorch(work.EmitExecutor(per_step), _specs(steps), on_event)
+    return {**_latency_summary(latencies, seconds), "succeeded": _succeeded(outcomes)}
+
+
+def _drain(peer: Peer, queue: Any, steps: int, per_step: int) -> tuple[float, list[float]]:
+    """Submit the emitting steps, take every event off the queue, wait for the steps."""
+    latencies: list[float] = []
+    clock = time.monotonic
+    get = queue.get
+    start = time.perf_counter()
+    finish = peer.start_batch(work.emit_to_queue, [(per_step,)] * steps)
+    for _ in range(steps * per_step):
+        latencies.append(clock() - get())
+    finish()
+    return time.perf_counter() - start, latencies
+
+
+def events(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` steps emitting ``per_step`` timestamped events each: rate and latency."""
+    steps, per_step = p["steps"], p["per_step"]
+    if peer is None:
+        return _events_procorch(steps, per_step)
+    _drain(peer, p["queue"], 4, 100)
+    seconds, latencies = _drain(peer, p["queue"], steps, per_step)
+    return _latency_summary(latencies, seconds)
+
+
+def _rss() -> int:
+    gc.collect()
+    return int(psutil.Process().memory_info().rss)
+
+
+def memory(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """Growth of this (parent) process's RSS over ``steps`` no-op steps, results kept."""
+    steps = p["steps"]
+    before = _rss()
+    if peer is None:
+        seconds, results = timed_procorch(work.NoopExecutor(2), _specs(steps))
+    else:
+        seconds, results = _timed_peer(peer, work.noop, [(str(i),) for i in range(steps)])
+    after = _rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {
+        "growth_mb": (after - before) / MIB,
+        "peak_growth_mb": max(0, peak - before) / MIB,
+        "before_mb": before / MIB,
+        "seconds": seconds,
+        "succeeded": _succeeded(results),
+    }
+
+
+WORKLOADS: dict[str, Callable[[str, Peer | None, dict[str, Any]], dict[str, Any]]] = {
+    "dispatch": dispatch,
+    "cpu": cpu,
+    "crash": crash,
+    "recovery": recovery,
+    "events": events,
+    "memory": memory,
+}
+
+
+def _workers_for(workload: str) -> int:
+    return 1 if workload == "recovery" else 2
+
+
+def run_trial(workload: str, pool: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run one trial in this process and return its result (figures or a status)."""
+    workers = _workers_for(workload)
+    peer = None if pool == "procorch" else PEERS[pool]()
+    try:
+        if peer is None:
+            warm_procorch(workers)
+        else:
+            if workload == "events":
+                params = {**params, "queue": peer.make_queue()}
+                peer.start(workers, work.install_event_queue, (params["queue"],))
+            else:
+                peer.start(workers)
+            warm_peer(peer)
+        figures = WORKLOADS[workload](pool, peer, params)
+        return {"status": "ok", **figures}
+    except PoolBroken as exc:
+        return {"status": "broken", "detail": str(exc)}
+    finally:
+        _close(peer)
+
+
+def _close(peer: Peer | None) -> None:
+    if peer is None:
+        _procorch().shutdown()
+    elif peer.pool is not None or isinstance(peer, JoblibPeer):
+        peer.close()

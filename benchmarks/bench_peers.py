@@ -1,0 +1,705 @@
+"""procorch side by side with the process pools people would otherwise use.
+
+Every pool gets 2 workers on this machine and the same step functions
+(``_peer_workloads.py``); the peers are raw loky (a submit loop on
+``get_reusable_executor``), ``concurrent.futures.ProcessPoolExecutor``,
+``pebble.ProcessPool`` (schedule + result), ``multiprocessing.Pool``
+(apply_async + get) and ``joblib.Parallel(backend="loky")``. The workloads:
+
+1. dispatch: many no-op steps on a warm pool; steps per second, and the
+   overhead per step (wall time / steps).
+2. cpu: pure-Python busy loops of about 10 ms each (the loop count is
+   calibrated once, here, and every pool runs the same count); speed-up over
+   running them one after another in the trial's own process.
+3. crash: short steps (a 5 ms sleep), every 20th of which segfaults; wall
+   time, how many crashes were labelled as such (a peer's crash counts only
+   if its error is one that no innocent step got), and how many innocent
+   steps produced no result.
+4. recovery: one worker, steps alternating "write a timestamp and segfault"
+   and "return the time you started"; the gap between the two timestamps,
+   median over every crash of every repetition. Pools that keep going after a
+   crash get the whole batch at once; pools that break are handled as a user
+   would: wait for the failure, make the pool usable again if it can be, and
+   submit the next step.
+5. events: steps that emit timestamped progress events as fast as they can;
+   events per second reaching the caller, and the latency from emit to
+   delivery (p50, p99). procorch delivers its own event stream; each peer gets
+   a queue handed to its workers through the pool's initializer, drained by
+   the caller.
+6. memory: the growth of the calling process's resident memory (RSS) over
+   many no-op steps, with the results still held.
+
+Each trial (one workload, one pool, one repetition) runs in a fresh process
+of its own, so a pool that hangs is killed with its whole process group after
+a timeout and reported as hanging, and no trial inherits another's memory or
+workers. A trial warms its pool (starts the workers, runs a few steps) before
+timing anything. Repetitions are interleaved: each repetition runs every
+workload on every pool, in a rotating order. A figure is the median over the
+repetitions.
+
+Run: ``python benchmarks/bench_peers.py`` (about 15 minutes on 2 cores), or
+``--quick`` for a smoke run with small sizes and one repetition. Writes
+``benchmarks/results/peers.md`` and ``peers.png`` (``peers-quick.*`` with
+``--quick``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+POOLS = ("procorch", "loky", "ProcessPoolExecutor", "pebble", "multiprocessing.Pool", "joblib")
+RESULT_PREFIX = "RESULT "
+STEP_SECONDS = 0.010  # target length of one cpu step
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload: its sizes, how often and how long it may run, and for which pools."""
+
+    key: str
+    title: str
+    params: dict[str, Any]
+    reps: int
+    timeout: float
+    pools: Sequence[str] = POOLS
+
+
+@dataclass
+class Plan:
+    """Everything one run does."""
+
+    quick: bool
+    workloads: list[Workload]
+    loops: int
+    results: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+
+
+def make_plan(quick: bool, reps: int | None, only: Sequence[str], loops: int) -> Plan:
+    """The workloads, their sizes and repetitions, for a full or a quick run."""
+    full, slow = (1, 1) if quick else (5, 3)
+    if reps is not None:
+        full = slow = reps
+    q = quick
+    workloads = [
+        Workload(
+            "dispatch",
+            f"Dispatch: {2_000 if q else 20_000:,} no-op steps",
+            {"steps": 2_000 if q else 20_000},
+            full,
+            120,
+        ),
+        Workload(
+            "cpu",
+            f"CPU-bound: {40 if q else 200} pure-Python steps of ~10 ms",
+            {"steps": 40 if q else 200, "loops": loops},
+            full,
+            120,
+        ),
+        Workload(
+            "crash",
+            f"Crash-heavy: {100 if q else 400} steps of 5 ms, every 20th segfaults",
+            {"steps": 100 if q else 400, "every": 20, "step_seconds": 0.005},
+            full,
+            15 if q else 30,
+        ),
+        Workload(
+            "recovery",
+            f"Recovery: crash to next step started, 1 worker, {5 if q else 20} crashes a run",
+            {"crashes": 5 if q else 20},
+            slow,
+            60 if q else 120,
+        ),
+        Workload(
+            "events",
+            f"Events: {10 if q else 20} steps x {2_000 if q else 5_000:,} progress events",
+            {"steps": 10 if q else 20, "per_step": 2_000 if q else 5_000},
+            full,
+            120,
+        ),
+        Workload(
+            "memory",
+            f"Parent memory: RSS growth over {10_000 if q else 100_000:,} no-op steps",
+            {"steps": 10_000 if q else 100_000},
+            slow,
+            120 if q else 300,
+        ),
+    ]
+    chosen = [w for w in workloads if not only or w.key in only]
+    return Plan(quick, chosen, loops)
+
+
+# -- running trials --------------------------------------------------------------
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _parse_result(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return dict(json.loads(line[len(RESULT_PREFIX) :]))
+    tail = " | ".join(stderr.strip().splitlines()[-3:])
+    return {"status": "error", "detail": f"exit code {returncode}: {tail}"}
+
+
+def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
+    """Run one trial in a fresh process group; kill the group on timeout or exit."""
+    command = [sys.executable, __file__, "--trial", workload.key, pool, json.dumps(workload.params)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=workload.timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+        _kill_group(proc.pid)  # also any worker the trial left behind
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        if hung:
+            return {"status": "hang", "timeout": workload.timeout}
+        return _parse_result(out.read(), err.read(), proc.returncode)
+
+
+def _trial_note(result: dict[str, Any], seconds: float) -> str:
+    if result["status"] != "ok":
+        return f"{result['status']} {result.get('detail', '')}".strip()
+    return f"ok in {seconds:.1f} s"
+
+
+def run_plan(plan: Plan) -> None:
+    """Repetitions outside, workloads inside them, pools innermost in a rotating order."""
+    for rep in range(max(w.reps for w in plan.workloads)):
+        for workload in plan.workloads:
+            if rep >= workload.reps:
+                continue
+            shift = rep % len(workload.pools)
+            order = [*workload.pools[shift:], *workload.pools[:shift]]
+            for pool in order:
+                runs = plan.results.setdefault(workload.key, {}).setdefault(pool, [])
+                if runs and runs[-1]["status"] == "hang":  # it hangs every time: don't wait again
+                    runs.append({**runs[-1], "skipped": True})
+                    continue
+                start = time.perf_counter()
+                result = run_trial_process(workload, pool)
+                runs.append(result)
+                note = _trial_note(result, time.perf_counter() - start)
+                print(
+                    f"  rep {rep + 1}/{workload.reps} {workload.key:9} {pool:21} {note}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+# -- summarising ------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One pool's line in a workload's table."""
+
+    pool: str
+    value: float | None  # the headline figure (None: the pool could not produce it)
+    cells: list[str]
+    status: str = ""  # why there is no value, or a note
+    lost: int = 0  # steps the pool lost (crash workload)
+
+
+def _ok_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [run for run in runs if run["status"] == "ok"]
+
+
+def _med(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def _span(runs: list[dict[str, Any]], key: str) -> str:
+    """A count over repetitions: one value, or the range when they differ."""
+    values = sorted({run[key] for run in runs})
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _failure_text(runs: list[dict[str, Any]]) -> str:
+    """Why a pool has no figure: it hung, broke or errored (in how many repetitions)."""
+    bad = [run for run in runs if run["status"] != "ok"]
+    run = bad[0]
+    if run["status"] == "hang":
+        skipped = " (later repetitions skipped)" if any(r.get("skipped") for r in bad) else ""
+        return f"hangs (killed after {run['timeout']:.0f} s){skipped}"
+    if run["status"] == "broken":
+        return f"broken: {run['detail']}"
+    return f"error: {run.get('detail', '?')[:160]}"
+
+
+def _rows(
+    plan: Plan,
+    key: str,
+    make: Callable[[str, list[dict[str, Any]]], Row],
+    blank: int,
+) -> list[Row]:
+    rows = []
+    for pool, runs in plan.results.get(key, {}).items():
+        good = _ok_runs(runs)
+        if good:
+            row = make(pool, good)
+            if len(good) < len(runs):
+                row.status = f"{len(runs) - len(good)} of {len(runs)} runs: {_failure_text(runs)}"
+            rows.append(row)
+        else:
+            rows.append(Row(pool, None, ["-"] * blank, _failure_text(runs)))
+    return sorted(rows, key=lambda row: POOLS.index(row.pool))
+
+
+def dispatch_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    seconds = _med(runs, "seconds")
+    steps = runs[0]["steps"]
+    failed = [r for r in runs if r["succeeded"] != steps]
+    status = f"{len(failed)} runs had failed steps" if failed else ""
+    return Row(
+        pool, steps / seconds, [f"{steps / seconds:,.0f}", f"{seconds / steps * 1e6:.0f}"], status
+    )
+
+
+def cpu_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    speedup = _med(runs, "speedup")
+    cells = [
+        f"{speedup:.2f}x",
+        f"{_med(runs, 'seconds'):.2f}",
+        f"{_med(runs, 'serial'):.2f}",
+        f"{_med(runs, 'step_ms'):.1f}",
+    ]
+    return Row(pool, speedup, cells)
+
+
+def crash_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    first = runs[0]
+    lost = max(run["lost"] for run in runs)
+    if lost:
+        errors = ", ".join(sorted(first["innocent_errors"]))
+        after = max(run["broken_after"] for run in runs if run["broken_after"])
+        verdict = f"breaks: {errors} for the pending steps after crash #{after}"
+    elif all(run["labelled"] == run["crashes"] for run in runs):
+        verdict = "isolates every crash"
+    else:
+        verdict = "loses no step, but not every crash is labelled"
+    cells = [
+        f"{_med(runs, 'seconds'):.2f}",
+        f"{_span(runs, 'labelled')} / {first['crashes']}",
+        f"{_span(runs, 'lost')} / {first['innocents']}",
+    ]
+    return Row(pool, _med(runs, "seconds"), cells, verdict, lost)
+
+
+RECOVERY_HOW = {
+    "procorch": "by itself (the batch is submitted at once)",
+    "pebble": "by itself (the batch is submitted at once)",
+    "multiprocessing.Pool": "by itself, but a crashed step's result never comes (waiting on it "
+    "hangs); only the other steps are waited on",
+    "loky": "after the crash is reported, call get_reusable_executor() again (a new executor)",
+    "joblib": "after the crash is reported, the next Parallel call (a new executor, 2 workers: "
+    "n_jobs=1 runs in-process)",
+    "ProcessPoolExecutor": "after the crash is reported, submit again",
+}
+
+
+def recovery_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    gaps = sorted(gap for run in runs for gap in run["gaps_ms"])
+    median = float(statistics.median(gaps))
+    p90 = gaps[min(len(gaps) - 1, int(len(gaps) * 0.9))]
+    how = RECOVERY_HOW.get(pool, "")
+    events = [gap for run in runs for gap in run.get("event_gap_ms", [])]
+    if events:
+        how += f"; StepCrashed to StepStarted: {statistics.median(events):.0f} ms"
+    return Row(pool, median, [f"{median:.0f}", f"{p90:.0f}", str(len(gaps))], how)
+
+
+EVENT_CHANNEL = {
+    "procorch": "its event stream (events= callback)",
+    "loky": "loky Queue, via initializer",
+    "joblib": "joblib's loky Queue, via initializer",
+}
+
+
+def events_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    rate = _med(runs, "per_second")
+    cells = [f"{rate:,.0f}", f"{_med(runs, 'p50_ms'):.1f}", f"{_med(runs, 'p99_ms'):.1f}"]
+    channel = EVENT_CHANNEL.get(pool, "multiprocessing.Queue, via initializer")
+    return Row(pool, rate, cells, channel)
+
+
+def memory_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    growth = _med(runs, "growth_mb")
+    cells = [f"{growth:.1f}", f"{_med(runs, 'peak_growth_mb'):.1f}", f"{_med(runs, 'seconds'):.1f}"]
+    return Row(pool, growth, cells)
+
+
+@dataclass(frozen=True)
+class Table:
+    """How one workload is summarised."""
+
+    make: Callable[[str, list[dict[str, Any]]], Row]
+    columns: list[str]
+    higher_is_better: bool
+    unit: str  # for the chart's axis
+    note_column: str = "notes"
+    words: tuple[str, str] = ("faster", "slower")  # procorch ahead, behind
+
+
+TABLES = {
+    "dispatch": Table(dispatch_row, ["steps/s", "us per step"], True, "steps per second"),
+    "cpu": Table(
+        cpu_row,
+        ["speed-up", "parallel s", "serial s", "ms per step"],
+        True,
+        "speed-up over serial",
+        words=("better", "worse"),
+    ),
+    "crash": Table(
+        crash_row,
+        ["wall s", "crashes labelled", "innocents lost"],
+        False,
+        "wall seconds",
+        "what happens",
+    ),
+    "recovery": Table(
+        recovery_row,
+        ["median ms", "p90 ms", "crashes"],
+        False,
+        "ms from crash to next start",
+        "how it recovers",
+    ),
+    "events": Table(
+        events_row, ["events/s", "p50 ms", "p99 ms"], True, "events per second", "channel"
+    ),
+    "memory": Table(
+        memory_row,
+        ["RSS growth MiB", "peak growth MiB", "wall s"],
+        False,
+        "RSS growth (MiB)",
+        words=("less memory", "more memory"),
+    ),
+}
+
+
+def _versus(mine: Row | None, peer: Row, table: Table) -> str:
+    """procorch's headline figure against this peer's, in words."""
+    if peer.pool == "procorch":
+        return "-"
+    if mine is None or mine.value is None:
+        return "n/a"
+    if peer.value is None:
+        return "n/a (peer failed)"
+    if peer.lost:
+        return "n/a (peer lost steps)"
+    if peer.value <= 0 or mine.value <= 0:
+        return "n/a"
+    ratio = mine.value / peer.value if table.higher_is_better else peer.value / mine.value
+    ahead, behind = table.words
+    return f"{max(ratio, 1 / ratio):.2f}x {ahead if ratio >= 1 else behind}"
+
+
+def workload_rows(plan: Plan) -> dict[str, list[Row]]:
+    return {
+        w.key: _rows(plan, w.key, TABLES[w.key].make, len(TABLES[w.key].columns))
+        for w in plan.workloads
+    }
+
+
+def _markdown_table(workload: Workload, rows: list[Row]) -> list[str]:
+    table = TABLES[workload.key]
+    mine = next((row for row in rows if row.pool == "procorch"), None)
+    reps = f"median of {workload.reps} run{'s' if workload.reps > 1 else ''}"
+    lines = [
+        f"### {workload.title} ({reps})",
+        "",
+        f"| pool | {' | '.join(table.columns)} | procorch vs this pool | {table.note_column} |",
+        f"|---|{'---:|' * len(table.columns)}---|---|",
+    ]
+    for row in rows:
+        cells = " | ".join(row.cells)
+        lines.append(f"| {row.pool} | {cells} | {_versus(mine, row, table)} | {row.status} |")
+    return [*lines, ""]
+
+
+# -- targets -----------------------------------------------------------------------
+
+
+def _value(rows: dict[str, list[Row]], key: str, pool: str) -> float | None:
+    row = next((r for r in rows.get(key, []) if r.pool == pool), None)
+    return None if row is None else row.value
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def _target_lines(plan: Plan, rows: dict[str, list[Row]]) -> list[str]:
+    """One line per target: what it is, what procorch measured, met or missed."""
+    res = plan.results
+    lines = []
+
+    def add(name: str, target: str, measured: str, ok: bool | None) -> None:
+        lines.append(f"| {name} | {target} | {measured} | {_verdict(ok)} |")
+
+    if "dispatch" in rows:
+        mine = _value(rows, "dispatch", "procorch")
+        loky, pebble = _value(rows, "dispatch", "loky"), _value(rows, "dispatch", "pebble")
+        ok = None if None in (mine, loky, pebble) else mine >= loky and mine >= pebble
+        others = f"loky {loky or 0:,.0f}, pebble {pebble or 0:,.0f}"
+        add(
+            "dispatch",
+            "steps/s >= raw loky's and >= pebble's",
+            f"{mine or 0:,.0f} steps/s ({others})",
+            ok,
+        )
+    if "cpu" in rows:
+        speedup = _value(rows, "cpu", "procorch")
+        add(
+            "cpu-bound",
+            "speed-up >= 1.8",
+            f"{speedup or 0:.2f}x",
+            None if speedup is None else speedup >= 1.8,
+        )
+    if "crash" in rows:
+        runs = _ok_runs(res["crash"].get("procorch", []))
+        wall, pebble = _value(rows, "crash", "procorch"), _value(rows, "crash", "pebble")
+        lost = max((r["lost"] for r in runs), default=None)
+        labelled = all(r["labelled"] == r["crashes"] for r in runs) if runs else None
+        add(
+            "crash-heavy",
+            "no innocent step lost",
+            f"{lost} lost",
+            None if lost is None else lost == 0,
+        )
+        add(
+            "crash-heavy",
+            "every crash labelled",
+            f"{_span(runs, 'labelled') if runs else '-'} of {runs[0]['crashes'] if runs else '-'}",
+            labelled,
+        )
+        ok = None if None in (wall, pebble) else wall <= 1.2 * pebble
+        add(
+            "crash-heavy",
+            "wall <= 1.2x pebble's",
+            f"{wall or 0:.2f} s (pebble {pebble or 0:.2f} s)",
+            ok,
+        )
+    if "recovery" in rows:
+        gap = _value(rows, "recovery", "procorch")
+        add("recovery", "median <= 60 ms", f"{gap or 0:.0f} ms", None if gap is None else gap <= 60)
+    if "events" in rows:
+        runs = _ok_runs(res["events"].get("procorch", []))
+        rate = _value(rows, "events", "procorch")
+        p99 = _med(runs, "p99_ms") if runs else None
+        add(
+            "events",
+            ">= 50,000 events/s",
+            f"{rate or 0:,.0f}/s",
+            None if rate is None else rate >= 50_000,
+        )
+        add(
+            "events", "p99 latency < 10 ms", f"{p99 or 0:.1f} ms", None if p99 is None else p99 < 10
+        )
+    if "memory" in rows:
+        mine, loky = _value(rows, "memory", "procorch"), _value(rows, "memory", "loky")
+        ok = None if None in (mine, loky) else mine <= 1.5 * max(loky, 0.0)
+        add(
+            "parent memory",
+            "RSS growth <= 1.5x raw loky's",
+            f"{mine or 0:.1f} MiB (loky {loky or 0:.1f} MiB)",
+            ok,
+        )
+    head = ["| workload | target | procorch | verdict |", "|---|---|---|---|"]
+    return [*head, *lines, ""]
+
+
+# -- the report ---------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _procorch_source() -> str:
+    """procorch's version and where it was imported from (commit, if it is this checkout)."""
+    import procorch
+
+    where = Path(procorch.__file__).resolve().parent
+    repo = HERE.parent
+    if where.parent != repo:
+        return f"procorch {procorch.__version__} from {where}"
+    git = ["git", "-C", str(repo)]
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "procorch"], capture_output=True, text=True
+    ).stdout.strip()
+    state = " + uncommitted changes" if dirty else ""
+    return f"procorch {procorch.__version__} at commit {commit or '?'}{state}"
+
+
+def header_lines(plan: Plan, elapsed: float) -> list[str]:
+    reps = ", ".join(f"{w.key} {w.reps}" for w in plan.workloads)
+    peers = ", ".join(f"{name} {_version(name)}" for name in ("loky", "Pebble", "joblib"))
+    return [
+        "# procorch and its peers" + (" (quick smoke run)" if plan.quick else ""),
+        "",
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {platform.system()}",
+        f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"- {_procorch_source()}; {peers}",
+        f"- repetitions (each a fresh process per pool, interleaved): {reps}",
+        f"- every pool has 2 workers (recovery: 1, joblib 2); busy loop: {plan.loops:,} "
+        f"iterations for ~{STEP_SECONDS * 1e3:.0f} ms; the whole run took {elapsed / 60:.1f} min",
+        "- command: `python benchmarks/bench_peers.py" + (" --quick`" if plan.quick else "`"),
+        "",
+    ]
+
+
+def markdown(plan: Plan, rows: dict[str, list[Row]], elapsed: float) -> str:
+    lines = header_lines(plan, elapsed)
+    lines += ["## Targets", "", *_target_lines(plan, rows), "## Workloads", ""]
+    for workload in plan.workloads:
+        lines += _markdown_table(workload, rows[workload.key])
+    lines += [
+        "Notes: a peer's crash counts as labelled only if its error differs from every error "
+        "an innocent step got. 'procorch vs this pool' compares the first column; it is left "
+        "out where the peer failed or lost steps. Event latency is measured while the steps "
+        "emit as fast as they can, so it includes any backlog.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(plan: Plan, rows: dict[str, list[Row]], path: Path) -> None:
+    """One subplot per workload, one bar per pool; a pool without a figure says why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(plan.workloads)
+    cols = min(3, count)
+    fig_rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(fig_rows, cols, figsize=(5.2 * cols, 4.2 * fig_rows), squeeze=False)
+    for ax, workload in zip(axes.flat, plan.workloads, strict=False):
+        _bars(ax, workload, rows[workload.key])
+    for ax in list(axes.flat)[count:]:
+        ax.set_visible(False)
+    fig.suptitle(
+        f"procorch and its peers ({platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(ax: Any, workload: Workload, rows: list[Row]) -> None:
+    table = TABLES[workload.key]
+    names = [
+        row.pool.replace("ProcessPoolExecutor", "ProcessPool\nExecutor").replace(
+            "multiprocessing.Pool", "multiprocessing\n.Pool"
+        )
+        for row in rows
+    ]
+    values = [row.value or 0.0 for row in rows]
+    colors = ["tab:orange" if row.pool == "procorch" else "tab:blue" for row in rows]
+    bars = ax.bar(range(len(rows)), values, color=colors)
+    top = max(values, default=1.0) or 1.0
+    for bar, row in zip(bars, rows, strict=True):
+        if row.value is None:
+            label = row.status.split(" (")[0].split(":")[0]
+        elif row.lost:
+            label = f"{row.value:,.3g}\n{row.lost} lost"
+        else:
+            label = f"{row.value:,.3g}"
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height() + top * 0.01,
+            label,
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="black" if row.value else "red",
+        )
+    ax.set_xticks(range(len(rows)), names, fontsize=7, rotation=30, ha="right")
+    ax.set_ylim(0, top * 1.25)
+    ax.set_ylabel(table.unit, fontsize=8)
+    better = "higher" if table.higher_is_better else "lower"
+    ax.set_title(f"{workload.key}: {better} is better", fontsize=9)
+
+
+# -- entry points ----------------------------------------------------------------------
+
+
+def trial_main(workload: str, pool: str, params: str) -> None:
+    """The ``--trial`` process: run one trial and print its result line."""
+    from _peer_trials import run_trial
+
+    result = run_trial(workload, pool, json.loads(params))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
+    parser.add_argument("--reps", type=int, help="repetitions for every workload")
+    parser.add_argument("--only", default="", help="comma-separated workloads to run")
+    parser.add_argument("--out", type=Path, help="output path without suffix")
+    parser.add_argument(
+        "--trial", nargs=3, metavar=("WORKLOAD", "POOL", "PARAMS"), help=argparse.SUPPRESS
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.trial:
+        trial_main(*args.trial)
+        return
+    from _peer_workloads import calibrate_loops
+
+    started = time.perf_counter()
+    only = [key for key in args.only.split(",") if key]
+    plan = make_plan(args.quick, args.reps, only, calibrate_loops(STEP_SECONDS))
+    run_plan(plan)
+    elapsed = time.perf_counter() - started
+    rows = workload_rows(plan)
+    out = args.out or HERE / "results" / ("peers-quick" if args.quick else "peers")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(plan, rows, elapsed)
+    out.with_suffix(".md").write_text(text)
+    chart(plan, rows, out.with_suffix(".png"))
+    print(text)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
