@@ -4,7 +4,7 @@ bench_peers.py starts ``python bench_peers.py --trial WORKLOAD POOL PARAMS`` for
 every (workload, pool, repetition); this module is what that process runs. It
 prints one line, ``RESULT {json}``, holding the trial's figures, or the status
 ``broken`` with the reason the pool could not go on. A trial that never ends
-is the parent's business: it kills the trial's whole process group.
+is the parent's business: it kills every process of the trial's session.
 
 The peers are driven through one small interface (``Peer``) so each workload
 is written once for all of them; procorch, whose API is a batch call with an
@@ -517,7 +517,7 @@ def memory(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
     else:
         seconds, results = _timed_peer(peer, work.noop, [(str(i),) for i in range(steps)])
     after = _rss()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = max(after, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
     return {
         "growth_mb": (after - before) / MIB,
         "peak_growth_mb": max(0, peak - before) / MIB,

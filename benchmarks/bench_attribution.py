@@ -5,9 +5,9 @@ keeps one step in flight per lane, so a crash breaks only the culprit's lane.
 This script measures what that costs against raw loky on the same machine,
 with 2 workers, in one run:
 
-- overhead per no-op step: procorch, a raw loky submit-everything loop (the
-  fastest loky can go, with no crash attribution at all), and raw loky with
-  one task in flight per worker (the same round trips procorch makes);
+- overhead per no-op step: procorch (bare, and with each per-step guard on),
+  a raw loky submit-everything loop (the fastest loky can go, with no crash
+  attribution at all), and raw loky with one task in flight per worker;
 - crash cost: the time from a step's crash to the next step starting on the
   replacement worker (StepCrashed to StepStarted), median of several.
 
@@ -40,11 +40,11 @@ def _specs(count: int, agent: str = "noop") -> list[AgentStepSpec]:
     return [AgentStepSpec(str(i), agent, "", "") for i in range(count)]
 
 
-def bench_procorch() -> float:
+def bench_procorch(**guards: object) -> float:
     specs = _specs(STEPS)
     procorch.execute_steps_parallel(NoopExecutor(2), specs[:10])  # warm the workers
     start = time.perf_counter()
-    outcomes = procorch.execute_steps_parallel(NoopExecutor(2), specs)
+    outcomes = procorch.execute_steps_parallel(NoopExecutor(2), specs, **guards)
     elapsed = time.perf_counter() - start
     assert all(o.success for o in outcomes)
     return elapsed / STEPS
@@ -101,9 +101,19 @@ def bench_crash_recovery() -> float:
 
 
 def main() -> None:
-    rows = {"procorch (lanes)": [], "loky, pipelined": [], "loky, one in flight": []}
+    rows: dict[str, list[float]] = {
+        "procorch (lanes)": [],
+        "procorch, step_timeout=60": [],
+        "procorch, capture_output": [],
+        "procorch, memory_limit=1 GiB": [],
+        "loky, pipelined": [],
+        "loky, one in flight": [],
+    }
     for _ in range(REPEATS):  # interleaved, so drift hits every row alike
         rows["procorch (lanes)"].append(bench_procorch())
+        rows["procorch, step_timeout=60"].append(bench_procorch(step_timeout=60))
+        rows["procorch, capture_output"].append(bench_procorch(capture_output=True))
+        rows["procorch, memory_limit=1 GiB"].append(bench_procorch(memory_limit=2**30))
         rows["loky, pipelined"].append(bench_loky_pipelined())
         rows["loky, one in flight"].append(bench_loky_one_in_flight())
     recovery = bench_crash_recovery()

@@ -30,8 +30,8 @@ Every pool gets 2 workers on this machine and the same step functions
    many no-op steps, with the results still held.
 
 Each trial (one workload, one pool, one repetition) runs in a fresh process
-of its own, so a pool that hangs is killed with its whole process group after
-a timeout and reported as hanging, and no trial inherits another's memory or
+of its own (and session), so a pool that hangs is killed with every process
+it started after a timeout and reported as hanging, and no trial inherits another's memory or
 workers. A trial warms its pool (starts the workers, runs a few steps) before
 timing anything. Repetitions are interleaved: each repetition runs every
 workload on every pool, in a rotating order. A figure is the median over the
@@ -68,11 +68,13 @@ sys.path.insert(0, str(HERE))
 POOLS = ("procorch", "loky", "ProcessPoolExecutor", "pebble", "multiprocessing.Pool", "joblib")
 RESULT_PREFIX = "RESULT "
 STEP_SECONDS = 0.010  # target length of one cpu step
+REPS = 5  # repetitions of a full run
+SLOW_REPS = 3  # repetitions of the slowest workloads in a full run
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One workload: its sizes, how often and how long it may run, and for which pools."""
+    """One workload as run: its sizes, repetitions and trial timeout."""
 
     key: str
     title: str
@@ -82,9 +84,56 @@ class Workload:
     pools: Sequence[str] = POOLS
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """A workload's parameters for a full and a quick run, and how to title it."""
+
+    title: str  # formatted with the parameters
+    full: dict[str, Any]
+    quick: dict[str, Any]
+    timeout: tuple[float, float]  # seconds a trial may take: full, quick
+    slow: bool = False  # fewer repetitions in a full run
+
+
+SIZES = {
+    "dispatch": Sizes(
+        "Dispatch: {steps:,} no-op steps", {"steps": 20_000}, {"steps": 2_000}, (120, 120)
+    ),
+    "cpu": Sizes(
+        "CPU-bound: {steps} pure-Python steps of ~10 ms", {"steps": 200}, {"steps": 40}, (120, 120)
+    ),
+    "crash": Sizes(
+        "Crash-heavy: {steps} steps of 5 ms, every {every}th segfaults",
+        {"steps": 400, "every": 20, "step_seconds": 0.005},
+        {"steps": 100, "every": 20, "step_seconds": 0.005},
+        (30, 15),
+    ),
+    "recovery": Sizes(
+        "Recovery: crash to next step started, 1 worker, {crashes} crashes a run",
+        {"crashes": 20},
+        {"crashes": 5},
+        (120, 60),
+        slow=True,
+    ),
+    "events": Sizes(
+        "Events: {steps} steps x {per_step:,} progress events",
+        {"steps": 20, "per_step": 5_000},
+        {"steps": 10, "per_step": 2_000},
+        (120, 120),
+    ),
+    "memory": Sizes(
+        "Parent memory: RSS growth over {steps:,} no-op steps",
+        {"steps": 100_000},
+        {"steps": 10_000},
+        (300, 120),
+        slow=True,
+    ),
+}
+
+
 @dataclass
 class Plan:
-    """Everything one run does."""
+    """Everything one run does, and what came of it."""
 
     quick: bool
     workloads: list[Workload]
@@ -94,66 +143,41 @@ class Plan:
 
 def make_plan(quick: bool, reps: int | None, only: Sequence[str], loops: int) -> Plan:
     """The workloads, their sizes and repetitions, for a full or a quick run."""
-    full, slow = (1, 1) if quick else (5, 3)
-    if reps is not None:
-        full = slow = reps
-    q = quick
-    workloads = [
-        Workload(
-            "dispatch",
-            f"Dispatch: {2_000 if q else 20_000:,} no-op steps",
-            {"steps": 2_000 if q else 20_000},
-            full,
-            120,
-        ),
-        Workload(
-            "cpu",
-            f"CPU-bound: {40 if q else 200} pure-Python steps of ~10 ms",
-            {"steps": 40 if q else 200, "loops": loops},
-            full,
-            120,
-        ),
-        Workload(
-            "crash",
-            f"Crash-heavy: {100 if q else 400} steps of 5 ms, every 20th segfaults",
-            {"steps": 100 if q else 400, "every": 20, "step_seconds": 0.005},
-            full,
-            15 if q else 30,
-        ),
-        Workload(
-            "recovery",
-            f"Recovery: crash to next step started, 1 worker, {5 if q else 20} crashes a run",
-            {"crashes": 5 if q else 20},
-            slow,
-            60 if q else 120,
-        ),
-        Workload(
-            "events",
-            f"Events: {10 if q else 20} steps x {2_000 if q else 5_000:,} progress events",
-            {"steps": 10 if q else 20, "per_step": 2_000 if q else 5_000},
-            full,
-            120,
-        ),
-        Workload(
-            "memory",
-            f"Parent memory: RSS growth over {10_000 if q else 100_000:,} no-op steps",
-            {"steps": 10_000 if q else 100_000},
-            slow,
-            120 if q else 300,
-        ),
-    ]
-    chosen = [w for w in workloads if not only or w.key in only]
-    return Plan(quick, chosen, loops)
+    workloads = []
+    for key, sizes in SIZES.items():
+        if only and key not in only:
+            continue
+        params = dict(sizes.quick if quick else sizes.full)
+        if key == "cpu":
+            params["loops"] = loops
+        default_reps = 1 if quick else (SLOW_REPS if sizes.slow else REPS)
+        timeout = sizes.timeout[1] if quick else sizes.timeout[0]
+        title = sizes.title.format(**params)
+        workloads.append(Workload(key, title, params, reps or default_reps, timeout))
+    return Plan(quick, workloads, loops)
 
 
 # -- running trials --------------------------------------------------------------
 
 
-def _kill_group(pgid: int) -> None:
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process in session ``sid``: the trial and every worker it started.
+
+    A whole session rather than one process group, because some pools (procorch
+    among them) move their workers into process groups of their own.
+    """
+    import psutil
+
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(sid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                proc.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
 
 
 def _parse_result(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
@@ -165,7 +189,7 @@ def _parse_result(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
 
 
 def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
-    """Run one trial in a fresh process group; kill the group on timeout or exit."""
+    """Run one trial in a fresh session; kill the session on timeout or exit."""
     command = [sys.executable, __file__, "--trial", workload.key, pool, json.dumps(workload.params)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
@@ -174,7 +198,7 @@ def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
             hung = False
         except subprocess.TimeoutExpired:
             hung = True
-        _kill_group(proc.pid)  # also any worker the trial left behind
+        _kill_session(proc.pid)  # also any worker the trial left behind
         proc.wait()
         out.seek(0)
         err.seek(0)
@@ -265,7 +289,8 @@ def _rows(
         if good:
             row = make(pool, good)
             if len(good) < len(runs):
-                row.status = f"{len(runs) - len(good)} of {len(runs)} runs: {_failure_text(runs)}"
+                failed = f"{len(runs) - len(good)} of {len(runs)} runs: {_failure_text(runs)}"
+                row.status = f"{row.status}; {failed}" if row.status else failed
             rows.append(row)
         else:
             rows.append(Row(pool, None, ["-"] * blank, _failure_text(runs)))
@@ -276,7 +301,9 @@ def dispatch_row(pool: str, runs: list[dict[str, Any]]) -> Row:
     seconds = _med(runs, "seconds")
     steps = runs[0]["steps"]
     failed = [r for r in runs if r["succeeded"] != steps]
-    status = f"{len(failed)} runs had failed steps" if failed else ""
+    status = "batches steps by itself (batch_size='auto')" if pool == "joblib" else ""
+    if failed:
+        status += f" {len(failed)} runs had failed steps"
     return Row(
         pool, steps / seconds, [f"{steps / seconds:,.0f}", f"{seconds / steps * 1e6:.0f}"], status
     )
@@ -455,84 +482,104 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
-def _target_lines(plan: Plan, rows: dict[str, list[Row]]) -> list[str]:
-    """One line per target: what it is, what procorch measured, met or missed."""
-    res = plan.results
-    lines = []
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{unit}"
 
-    def add(name: str, target: str, measured: str, ok: bool | None) -> None:
-        lines.append(f"| {name} | {target} | {measured} | {_verdict(ok)} |")
 
-    if "dispatch" in rows:
-        mine = _value(rows, "dispatch", "procorch")
-        loky, pebble = _value(rows, "dispatch", "loky"), _value(rows, "dispatch", "pebble")
-        ok = None if None in (mine, loky, pebble) else mine >= loky and mine >= pebble
-        others = f"loky {loky or 0:,.0f}, pebble {pebble or 0:,.0f}"
-        add(
-            "dispatch",
-            "steps/s >= raw loky's and >= pebble's",
-            f"{mine or 0:,.0f} steps/s ({others})",
-            ok,
-        )
-    if "cpu" in rows:
-        speedup = _value(rows, "cpu", "procorch")
-        add(
-            "cpu-bound",
-            "speed-up >= 1.8",
-            f"{speedup or 0:.2f}x",
-            None if speedup is None else speedup >= 1.8,
-        )
-    if "crash" in rows:
-        runs = _ok_runs(res["crash"].get("procorch", []))
-        wall, pebble = _value(rows, "crash", "procorch"), _value(rows, "crash", "pebble")
-        lost = max((r["lost"] for r in runs), default=None)
-        labelled = all(r["labelled"] == r["crashes"] for r in runs) if runs else None
-        add(
-            "crash-heavy",
-            "no innocent step lost",
-            f"{lost} lost",
-            None if lost is None else lost == 0,
-        )
-        add(
-            "crash-heavy",
-            "every crash labelled",
-            f"{_span(runs, 'labelled') if runs else '-'} of {runs[0]['crashes'] if runs else '-'}",
-            labelled,
-        )
-        ok = None if None in (wall, pebble) else wall <= 1.2 * pebble
-        add(
-            "crash-heavy",
+def _at_least(value: float | None, bound: float | None) -> bool | None:
+    return None if value is None or bound is None else value >= bound
+
+
+def _at_most(value: float | None, bound: float | None) -> bool | None:
+    return None if value is None or bound is None else value <= bound
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def _procorch_runs(plan: Plan, key: str) -> list[dict[str, Any]]:
+    return _ok_runs(plan.results.get(key, {}).get("procorch", []))
+
+
+Target = tuple[str, str, bool | None]  # what, what procorch measured, met (None: no figure)
+
+
+def dispatch_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine, loky, pebble = (_value(rows, "dispatch", p) for p in ("procorch", "loky", "pebble"))
+    measured = f"{_fmt(mine, ',.0f')} steps/s"
+    return [
+        ("steps/s >= raw loky's", f"{measured} vs {_fmt(loky, ',.0f')}", _at_least(mine, loky)),
+        ("steps/s >= pebble's", f"{measured} vs {_fmt(pebble, ',.0f')}", _at_least(mine, pebble)),
+    ]
+
+
+def cpu_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    speedup = _value(rows, "cpu", "procorch")
+    return [("speed-up >= 1.8", _fmt(speedup, ".2f", "x"), _at_least(speedup, 1.8))]
+
+
+def crash_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    runs = _procorch_runs(plan, "crash")
+    if not runs:
+        return [("crash-heavy batch completes", "no figure", False)]
+    lost = max(run["lost"] for run in runs)
+    labelled = all(run["labelled"] == run["crashes"] for run in runs)
+    wall, pebble = _value(rows, "crash", "procorch"), _value(rows, "crash", "pebble")
+    return [
+        ("no innocent step lost", f"{lost} of {runs[0]['innocents']} lost", lost == 0),
+        ("every crash labelled", f"{_span(runs, 'labelled')} of {runs[0]['crashes']}", labelled),
+        (
             "wall <= 1.2x pebble's",
-            f"{wall or 0:.2f} s (pebble {pebble or 0:.2f} s)",
-            ok,
-        )
-    if "recovery" in rows:
-        gap = _value(rows, "recovery", "procorch")
-        add("recovery", "median <= 60 ms", f"{gap or 0:.0f} ms", None if gap is None else gap <= 60)
-    if "events" in rows:
-        runs = _ok_runs(res["events"].get("procorch", []))
-        rate = _value(rows, "events", "procorch")
-        p99 = _med(runs, "p99_ms") if runs else None
-        add(
-            "events",
-            ">= 50,000 events/s",
-            f"{rate or 0:,.0f}/s",
-            None if rate is None else rate >= 50_000,
-        )
-        add(
-            "events", "p99 latency < 10 ms", f"{p99 or 0:.1f} ms", None if p99 is None else p99 < 10
-        )
-    if "memory" in rows:
-        mine, loky = _value(rows, "memory", "procorch"), _value(rows, "memory", "loky")
-        ok = None if None in (mine, loky) else mine <= 1.5 * max(loky, 0.0)
-        add(
-            "parent memory",
+            f"{_fmt(wall, '.2f', ' s')} vs {_fmt(pebble, '.2f', ' s')}",
+            _at_most(wall, _scaled(pebble, 1.2)),
+        ),
+    ]
+
+
+def recovery_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    gap = _value(rows, "recovery", "procorch")
+    return [("median <= 60 ms", _fmt(gap, ".0f", " ms"), _at_most(gap, 60))]
+
+
+def events_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    runs = _procorch_runs(plan, "events")
+    rate = _value(rows, "events", "procorch")
+    p99 = _med(runs, "p99_ms") if runs else None
+    return [
+        (">= 50,000 events/s", _fmt(rate, ",.0f", "/s"), _at_least(rate, 50_000)),
+        ("p99 latency < 10 ms", _fmt(p99, ".1f", " ms"), None if p99 is None else p99 < 10),
+    ]
+
+
+def memory_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine, loky = _value(rows, "memory", "procorch"), _value(rows, "memory", "loky")
+    return [
+        (
             "RSS growth <= 1.5x raw loky's",
-            f"{mine or 0:.1f} MiB (loky {loky or 0:.1f} MiB)",
-            ok,
+            f"{_fmt(mine, '.1f', ' MiB')} vs {_fmt(loky, '.1f', ' MiB')}",
+            _at_most(mine, _scaled(loky, 1.5)),
         )
-    head = ["| workload | target | procorch | verdict |", "|---|---|---|---|"]
-    return [*head, *lines, ""]
+    ]
+
+
+TARGETS = {
+    "dispatch": dispatch_targets,
+    "cpu": cpu_targets,
+    "crash": crash_targets,
+    "recovery": recovery_targets,
+    "events": events_targets,
+    "memory": memory_targets,
+}
+
+
+def _target_lines(plan: Plan, rows: dict[str, list[Row]]) -> list[str]:
+    """One line per target: what it is, what procorch measured (vs the peer), met or missed."""
+    lines = ["| workload | target | procorch (vs peer) | verdict |", "|---|---|---|---|"]
+    for workload in plan.workloads:
+        for target, measured, ok in TARGETS[workload.key](plan, rows):
+            lines.append(f"| {workload.key} | {target} | {measured} | {_verdict(ok)} |")
+    return [*lines, ""]
 
 
 # -- the report ---------------------------------------------------------------------
@@ -566,6 +613,8 @@ def _procorch_source() -> str:
 
 def header_lines(plan: Plan, elapsed: float) -> list[str]:
     reps = ", ".join(f"{w.key} {w.reps}" for w in plan.workloads)
+    if len({w.reps for w in plan.workloads}) > 1:
+        reps += " (fewer for the slowest workloads, to keep the run near 15 minutes)"
     peers = ", ".join(f"{name} {_version(name)}" for name in ("loky", "Pebble", "joblib"))
     return [
         "# procorch and its peers" + (" (quick smoke run)" if plan.quick else ""),
@@ -621,6 +670,15 @@ def chart(plan: Plan, rows: dict[str, list[Row]], path: Path) -> None:
     plt.close(fig)
 
 
+def _short(value: float) -> str:
+    """A bar label: 38.4k, 153, 1.74."""
+    if abs(value) >= 10_000:
+        return f"{value / 1000:.0f}k"
+    if abs(value) >= 1000:
+        return f"{value / 1000:.1f}k"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _bars(ax: Any, workload: Workload, rows: list[Row]) -> None:
     table = TABLES[workload.key]
     names = [
@@ -631,15 +689,16 @@ def _bars(ax: Any, workload: Workload, rows: list[Row]) -> None:
     ]
     values = [row.value or 0.0 for row in rows]
     colors = ["tab:orange" if row.pool == "procorch" else "tab:blue" for row in rows]
-    bars = ax.bar(range(len(rows)), values, color=colors)
+    hatches = ["//" if row.lost else "" for row in rows]
+    bars = ax.bar(range(len(rows)), values, color=colors, hatch=hatches, edgecolor="white")
     top = max(values, default=1.0) or 1.0
     for bar, row in zip(bars, rows, strict=True):
         if row.value is None:
             label = row.status.split(" (")[0].split(":")[0]
         elif row.lost:
-            label = f"{row.value:,.3g}\n{row.lost} lost"
+            label = f"{_short(row.value)}\n{row.lost} lost"
         else:
-            label = f"{row.value:,.3g}"
+            label = _short(row.value)
         ax.text(
             bar.get_x() + bar.get_width() / 2,
             bar.get_height() + top * 0.01,

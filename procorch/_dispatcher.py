@@ -57,7 +57,7 @@ from ._events import (
 from ._guards import CancelToken, RetryPolicy
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._pool import _engine, _Lane
-from ._protocol import _decode_frame, _Done, _Progress, _Started
+from ._protocol import _decode_frame, _Done, _Progress, _Retire, _Started
 
 # A worker that dies before it starts any step (killed while idle, say) costs
 # the step it was about to run nothing; past this many such deaths in a row
@@ -153,7 +153,7 @@ class _CallOptions:
 class _LaneWork:
     """What one lane of this call is doing."""
 
-    __slots__ = ("assigned", "ended", "futures", "lane", "pid", "started_at")
+    __slots__ = ("assigned", "ended", "futures", "lane", "pid", "retiring", "started_at")
 
     def __init__(self, lane: _Lane) -> None:
         self.lane = lane
@@ -162,10 +162,21 @@ class _LaneWork:
         self.started_at: float | None = None  # when assigned[0] began, if it has
         self.pid: int | None = None
         self.ended = False  # the channel hit end-of-file: the worker is gone
+        self.retiring = False  # the worker grew too large and takes no more steps
 
     @property
     def busy(self) -> bool:
         return bool(self.assigned or self.futures)
+
+    def reset(self, lane: _Lane) -> None:
+        """Start over on a fresh lane."""
+        self.lane = lane
+        self.assigned.clear()
+        self.futures.clear()
+        self.started_at = None
+        self.pid = None
+        self.ended = False
+        self.retiring = False
 
 
 class _Stop(Exception):
@@ -199,9 +210,10 @@ class _Dispatch:
         self.delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
         self.works: list[_LaneWork] = []
         self.mean_duration: float | None = None
-        # Under a memory cap a worker must come back to the parent between
-        # steps, so that one grown too large is replaced before the next.
-        self.depth = 1 if options.memory_limit is not None else _PIPELINE_DEPTH
+        # A worker left holding more than half the cap is retired between
+        # steps, so that the next step starts with room to work.
+        limit = options.memory_limit
+        self.retire_above = None if limit is None else limit // 2
         self.deadline: float | None = None
         self.next_memory_check = 0.0
         self._wake_reader, self._wake_writer = os.pipe()
@@ -279,17 +291,17 @@ class _Dispatch:
             self.todo.append(heapq.heappop(self.delayed)[1])
 
     def _chunk_size(self) -> int:
-        if self.mean_duration is None or self.options.memory_limit is not None:
+        if self.mean_duration is None:
             return 1
         wanted = int(_CHUNK_SECONDS / max(self.mean_duration, 1e-6))
-        fair = math.ceil(len(self.todo) / (self.depth * len(self.works)))
+        fair = math.ceil(len(self.todo) / (_PIPELINE_DEPTH * len(self.works)))
         return max(1, min(wanted, fair, _MAX_CHUNK))
 
     def _assign(self) -> None:
         for work in self.works:
             if not self.todo:
                 return
-            if len(work.futures) >= self.depth or (work.futures and work.ended):
+            if len(work.futures) >= _PIPELINE_DEPTH or work.ended or work.retiring:
                 continue
             size = self._chunk_size()
             chunk = [self.todo.popleft() for _ in range(min(size, len(self.todo)))]
@@ -299,6 +311,7 @@ class _Dispatch:
                     self.blob,
                     [self.spec_bytes[index] for index in chunk],
                     self.options.capture,
+                    self.retire_above,
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.
@@ -331,6 +344,9 @@ class _Dispatch:
         if failed:
             self._on_lost_worker(work, failed[0].exception())
             return
+        if work.retiring:
+            self._retire(work)
+            return
         for future in done:
             work.futures.remove(future)
         if not work.futures and work.assigned:
@@ -339,10 +355,11 @@ class _Dispatch:
                 self._fail(index, "internal", self._internal_message(index), None)
             work.assigned.clear()
             work.started_at = None
-        if not work.busy:
-            self._maybe_recycle(work)
 
     def _on_frame(self, work: _LaneWork, frame: Any) -> None:
+        if isinstance(frame, _Retire):
+            work.retiring = True
+            return
         index = work.assigned[0]
         spec = self.specs[index]
         if isinstance(frame, _Started):
@@ -432,21 +449,14 @@ class _Dispatch:
                 self._record(first, StepOutcome.failed(spec.task_id, spec.agent, message, error))
         self.todo.extendleft(reversed(unstarted))
 
-    def _replace_lane(self, work: _LaneWork) -> None:
-        work.lane.close(kill=True)
-        work.lane = _engine.new_lane()
-        work.assigned.clear()
-        work.futures.clear()
-        work.started_at = None
-        work.pid = None
-        work.ended = False
+    def _replace_lane(self, work: _LaneWork, *, kill: bool = True) -> None:
+        work.lane.close(kill=kill)
+        work.reset(_engine.new_lane())
 
-    def _maybe_recycle(self, work: _LaneWork) -> None:
-        """Replace an idle worker whose memory grew past half the cap, failing nothing."""
-        limit = self.options.memory_limit
-        if limit is not None and work.lane.memory() > limit // 2:
-            work.lane.close(kill=False)
-            work.lane = _engine.new_lane()
+    def _retire(self, work: _LaneWork) -> None:
+        """Replace a worker that grew too large; the steps it declined run elsewhere."""
+        self.todo.extendleft(reversed(work.assigned))
+        self._replace_lane(work, kill=False)  # it runs nothing: its calls return at once
 
     # -- guards ------------------------------------------------------------------
 
@@ -537,11 +547,7 @@ class _Dispatch:
                 self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
                 self._emit_finished(index, False, duration)
             if work.busy:
-                work.lane.close(kill=True)
-                work.lane = _engine.new_lane()
-                work.assigned.clear()
-                work.futures.clear()
-                work.started_at = None
+                self._replace_lane(work)
         before = "the call's time limit ran out" if why == "deadline" else "the call was cancelled"
         for index, outcome in enumerate(self.outcomes):
             if outcome is None:

@@ -30,11 +30,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import loky
-import psutil
 from loky.backend import get_context
 
 from . import _worker
-from ._protocol import _read_tail
+from ._protocol import _read_tail, _tree_rss
 
 # loky recycles a worker whose memory grew by 300 MB when psutil is present;
 # a respawned worker would find its lane's pipes gone, so lanes opt out and
@@ -62,17 +61,25 @@ class _Lane:
             env=_WORKER_ENV,
         )
         self._process: Any = None
-        self._psutil: psutil.Process | None = None
         self.executor_token: int | None = None
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else int(self._process.pid)
 
-    def submit(self, token: int, blob: bytes, chunk: list[bytes], capture: bool) -> Future[None]:
+    def submit(
+        self,
+        token: int,
+        blob: bytes,
+        chunk: list[bytes],
+        capture: bool,
+        retire_above: int | None,
+    ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
         shipped = None if token == self.executor_token else blob
-        future: Future[None] = self._pool.submit(_worker.run_steps, token, shipped, chunk, capture)
+        future: Future[None] = self._pool.submit(
+            _worker.run_steps, token, shipped, chunk, capture, retire_above
+        )
         self.executor_token = token
         if self._writers:  # the first submit started the worker process
             self._process = next(iter(self._pool._processes.values()))
@@ -106,20 +113,7 @@ class _Lane:
 
     def memory(self) -> int:
         """Resident bytes of the worker and every process its steps started."""
-        if self._process is None:
-            return 0
-        try:
-            if self._psutil is None:
-                self._psutil = psutil.Process(self._process.pid)
-            total = int(self._psutil.memory_info().rss)
-            for child in self._psutil.children(recursive=True):
-                try:
-                    total += int(child.memory_info().rss)
-                except psutil.NoSuchProcess:
-                    pass
-            return total
-        except psutil.NoSuchProcess:
-            return 0
+        return 0 if self._process is None else _tree_rss(self._process.pid)
 
     def _kill_group(self) -> None:
         """SIGKILL the worker's process group: the worker and what its steps started."""

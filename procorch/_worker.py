@@ -25,7 +25,7 @@ import cloudpickle
 import msgspec
 
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
-from ._protocol import _Done, _encode, _Progress, _read_tail, _Started
+from ._protocol import _Done, _encode, _Progress, _read_tail, _Retire, _Started, _tree_rss
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -35,6 +35,7 @@ _capture_path: str = ""
 _executor_token: int | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
+_retired = False  # this worker grew too large and takes no more steps
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
@@ -171,12 +172,29 @@ def _done_frame(spec: AgentStepSpec, outcome: StepOutcome, duration: float) -> b
     return _encode(_Done(_failure(spec, kind, message, None), duration))
 
 
-def run_steps(token: int, blob: bytes | None, chunk: list[bytes], capture: bool) -> None:
-    """Run a chunk of steps in order, reporting each on the channel; never raises."""
+def run_steps(
+    token: int,
+    blob: bytes | None,
+    chunk: list[bytes],
+    capture: bool,
+    retire_above: int | None,
+) -> None:
+    """Run a chunk of steps in order, reporting each on the channel; never raises.
+
+    With ``retire_above``, the worker checks its memory before each step and
+    stops taking steps once it (with its children) holds more than that: it
+    writes ``_Retire`` and the parent replaces it, failing nothing.
+    """
+    global _retired
     assert _channel is not None, "worker used before _init"
     if not capture:
         _capture(False)
     for spec_bytes in chunk:
+        if retire_above is not None and not _retired:
+            _retired = _tree_rss(os.getpid()) > retire_above
+        if _retired:
+            _channel.send_bytes(_encode(_Retire(_tree_rss(os.getpid()))))
+            return
         if capture:
             _capture(True)
         _channel.send_bytes(_encode(_Started(os.getpid())))

@@ -10,16 +10,20 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_example_runs(tmp_path: Path) -> None:
-    """The Python block in the README runs and its outcomes match its comments."""
-    [code] = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _run_readme_block(number: int, tmp_path: Path) -> list[str]:
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[number]
     script = tmp_path / "example.py"
     script.write_text(code)
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    """The first Python block in the README runs and its outcomes match its comments."""
+    lines = _run_readme_block(0, tmp_path)
     assert "a True 3" in lines
     assert "c True 2" in lines
     assert any(
@@ -28,3 +32,14 @@ def test_readme_example_runs(tmp_path: Path) -> None:
         for line in lines
     )
     assert any(line.startswith("StepProgress(") for line in lines)
+
+
+def test_readme_guards_example_runs(tmp_path: Path) -> None:
+    """The guards example prints, for each step, what its comment lines promise."""
+    lines = _run_readme_block(1, tmp_path)
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[1]
+    promised = [line.strip()[2:] for line in block.splitlines() if line.strip().startswith("# ")]
+    promised = [line for line in promised if line.split()[0] in {"fine", "stuck", "hog", "noisy"}]
+    assert len(promised) == len(lines) == 4
+    for printed, promise in zip(lines, promised, strict=True):
+        assert printed.startswith(promise), (printed, promise)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -317,6 +318,7 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
     state = tmp_path / "state"
     state.mkdir()
     script.write_text(_INTERRUPTED_SCRIPT.format(tests=str(TESTS), state=str(state)))
+    scratch_before = _scratch_dirs()
     parent = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -327,22 +329,37 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
     assert len(executor.pids("grandchild")) == 2
     tree = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
     tree |= executor.pids("grandchild")
+    assert _scratch_dirs() - scratch_before  # the parent's lanes made their directory
     parent.send_signal(signum)
     stdout, stderr = parent.communicate(timeout=60)
     assert "KeyboardInterrupt reached the caller" in stdout, stderr
     assert parent.returncode != 0
     assert _gone(tree, within=5.0)
+    assert not _scratch_dirs() - scratch_before  # and removed it on the way out
 
 
-def test_shutdown_leaves_no_files_behind(tmp_path: Path) -> None:
-    """After shutdown, the capture files and their directory are gone."""
-    before = set(Path(tempfile.gettempdir()).glob("procorch-*"))
+def _scratch_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("procorch-*"))
+
+
+def _our_semaphores() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if f"loky-{os.getpid()}-" in name}
+
+
+def test_shutdown_leaves_no_files_or_semaphores_behind(tmp_path: Path) -> None:
+    """After crashes, timeouts and shutdown: no capture files, directory or semaphores remain."""
+    before = _scratch_dirs()
     out = execute_steps_parallel(
-        GuardExecutor(str(tmp_path)), [spec("p", "print_then_raise")], capture_output=True
+        GuardExecutor(str(tmp_path)),
+        [spec("p", "print_then_raise"), spec("c", "always_crash"), spec("h", "c_hang")],
+        capture_output=True,
+        step_timeout=1.0,
     )
-    assert out[0].error is not None and out[0].error.printed
+    assert [o.error.kind for o in out] == ["exception", "crash", "timeout"]  # type: ignore[union-attr]
+    assert _our_semaphores()  # the lanes hold some while they live
     procorch.shutdown()
-    assert set(Path(tempfile.gettempdir()).glob("procorch-*")) <= before
+    assert _scratch_dirs() <= before
+    assert not _our_semaphores()
 
 
 # -- bad guard values ---------------------------------------------------------------
