@@ -5,8 +5,11 @@ and ``task_id`` (the caller's id), plus ``attempt`` (1 for the first start,
 more when a step is started again). For each step, events arrive in this
 order, and nothing arrives after ``StepFinished``::
 
-    StepStarted  ->  StepProgress*  ->  [StepCrashed]  ->  StepFinished
-          \\-> StepRerun (the attempt never began its work) -> StepStarted ...
+    StepStarted -> StepProgress* -> [StepCrashed] -> StepFinished
+                                                 \\-> StepRerun -> StepStarted ...
+
+``StepRerun`` replaces ``StepFinished`` when a failed attempt will be retried
+(see ``RetryPolicy``); the next attempt then starts with its own number.
 
 The family is a tagged union: ``msgspec.json.encode(event)`` writes an
 ``"event"`` field naming the kind, and ``msgspec.json.decode(data, type=Event)``
@@ -58,7 +61,7 @@ class StepCrashed(_StepEvent, frozen=True, tag="crashed"):
 
 
 class StepRerun(_StepEvent, frozen=True, tag="rerun"):
-    """The step is started again as ``attempt`` because of ``reason``."""
+    """The previous attempt failed with ``reason``; the step will run again as ``attempt``."""
 
     reason: str
 
