@@ -32,3 +32,12 @@ def no_leaked_processes() -> Iterator[None]:
         time.sleep(0.05)
     left = _workers()
     assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+@pytest.fixture
+def bounded_time() -> Iterator[None]:
+    """Fail a test that takes more than a minute: a guard against hangs, not a speed claim."""
+    start = time.monotonic()
+    yield
+    elapsed = time.monotonic() - start
+    assert elapsed < 60, f"the test took {elapsed:.0f} s"

@@ -29,7 +29,7 @@ from procorch import (
     execute_steps_parallel,
 )
 
-pytestmark = pytest.mark.usefixtures("no_leaked_processes")
+pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
 MiB = 2**20
 TESTS = Path(__file__).resolve().parent
