@@ -209,7 +209,8 @@ def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
 
 def _trial_note(result: dict[str, Any], seconds: float) -> str:
     if result["status"] != "ok":
-        return f"{result['status']} {result.get('detail', '')}".strip()
+        detail = result.get("detail") or f"(killed after {result.get('timeout')} s)"
+        return f"{result['status']} {detail}"
     return f"ok in {seconds:.1f} s"
 
 

@@ -30,22 +30,17 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import loky
-from loky.backend import get_context
 
 from . import _worker
+from ._context import stop_server, worker_context
 from ._protocol import _read_tail, _tree_rss
-
-# loky recycles a worker whose memory grew by 300 MB when psutil is present;
-# a respawned worker would find its lane's pipes gone, so lanes opt out and
-# procorch decides itself when to replace a worker.
-_WORKER_ENV = {"LOKY_MAX_MEMORY_LEAK_SIZE": str(2**62)}
 
 
 class _Lane:
     """One worker process, its channel, and the executor token it holds."""
 
     def __init__(self, capture_path: str) -> None:
-        context = get_context("loky")
+        context = worker_context()
         self.channel, channel_writer = context.Pipe(duplex=False)
         self._crash_reader, crash_writer = context.Pipe(duplex=False)
         # The parent drops its copies of the write ends once the worker holds
@@ -58,7 +53,6 @@ class _Lane:
             initializer=_worker._init,
             initargs=(channel_writer, crash_writer, capture_path),
             timeout=None,
-            env=_WORKER_ENV,
         )
         self._process: Any = None
         self.executor_token: int | None = None
@@ -127,6 +121,10 @@ class _Lane:
         """Stop the worker (at once when ``kill``) and release everything the lane holds."""
         if kill:
             self._kill_group()
+            if self._process is not None:
+                # Let loky see the death before shutting down, or the lane's
+                # executor can be left holding a semaphore until exit.
+                self._process.join(timeout=1.0)
         self._pool.shutdown(wait=True, kill_workers=kill)
         self._kill_group()  # whatever a step left running
         for conn in (self.channel, self._crash_reader, *self._writers):
@@ -175,6 +173,7 @@ class _Engine:
             scratch, self._scratch = self._scratch, None
         for lane in lanes:
             lane.close(kill=False)
+        stop_server()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 

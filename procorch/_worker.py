@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import cloudpickle
+import loky.process_executor
 import msgspec
 
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
@@ -42,6 +43,10 @@ _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
 def _init(channel: Connection, crash_channel: Connection, capture_path: str) -> None:
     global _channel, _crash_channel, _capture_path
+    # loky recycles a worker whose memory grew by 300 MB (when psutil is
+    # present); a respawned worker would find its lane's pipes gone, so
+    # lanes opt out: procorch replaces workers itself (see the memory cap).
+    loky.process_executor._MAX_MEMORY_LEAK_SIZE = 2**62
     os.setpgid(0, 0)
     _channel = channel
     _crash_channel = crash_channel  # kept referenced: its fd must stay open

@@ -249,3 +249,29 @@ def test_thousands_of_quick_steps_all_succeed() -> None:
     )
     assert [o.task_id for o in out] == [str(i) for i in range(3000)]
     assert all(o.success for o in out), next(o.output for o in out if not o.success)
+
+
+def test_script_without_main_guard_is_not_rerun_by_workers(tmp_path: Path) -> None:
+    """Workers never re-import the caller's __main__, so an unguarded script runs once."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import procorch
+
+            print("top level ran", flush=True)
+
+            class Echo(procorch.AgentExecutor):
+                def execute_step(self, spec, events):
+                    return procorch.StepOutcome(spec.task_id, "s", spec.agent, "ok", True)
+
+            specs = [procorch.AgentStepSpec(str(i), "a", "d", "p") for i in range(4)]
+            print([o.success for o in procorch.execute_steps_parallel(Echo(), specs)])
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["top level ran", "[True, True, True, True]"]
