@@ -37,7 +37,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from multiprocessing.connection import wait
 from types import FrameType
@@ -130,19 +130,29 @@ def _megabytes(size: float) -> str:
 class _CallOptions:
     """The guards of one call, checked and resolved per step."""
 
-    __slots__ = ("call_timeout", "cancel", "capture", "memory_limit", "retry", "step_timeouts")
+    __slots__ = (
+        "call_timeout",
+        "cancel",
+        "capture",
+        "memory_limit",
+        "retry",
+        "step_timeout",
+        "step_timeouts",
+    )
 
     def __init__(
         self,
         *,
-        step_timeouts: Sequence[float | None],
+        step_timeout: float | None = None,
+        step_timeouts: Mapping[str, float] | None = None,
         call_timeout: float | None = None,
         memory_limit: int | None = None,
         retry: RetryPolicy | None = None,
         capture: bool = False,
         cancel: CancelToken | None = None,
     ) -> None:
-        self.step_timeouts = step_timeouts
+        self.step_timeout = step_timeout
+        self.step_timeouts = step_timeouts or {}
         self.call_timeout = call_timeout
         self.memory_limit = memory_limit
         self.retry = retry
@@ -188,25 +198,27 @@ class _Dispatch:
 
     def __init__(
         self,
-        specs: Sequence[AgentStepSpec],
-        spec_bytes: Sequence[bytes],
         blob: bytes,
         token: int,
         emit: Callable[[Event], Any] | None,
         options: _CallOptions,
+        on_outcome: Callable[[int, StepOutcome], None] | None = None,
     ) -> None:
-        self.specs = specs
-        self.spec_bytes = spec_bytes
         self.blob = blob
         self.token = token
         self.emit = emit
         self.options = options
-        count = len(specs)
-        self.outcomes: list[StepOutcome | None] = [None] * count
-        self.remaining = count
-        self.attempts = [0] * count
-        self.unstarted_deaths = [0] * count
-        self.todo = collections.deque(range(count))
+        self.on_outcome = on_outcome
+        # Per step, by index (the order steps were added in):
+        self.specs: list[AgentStepSpec] = []
+        self.spec_bytes: list[bytes] = []
+        self.time_limits: list[float | None] = []
+        self.outcomes: list[StepOutcome | None] = []
+        self.attempts: list[int] = []
+        self.unstarted_deaths: list[int] = []
+        self.remaining = 0
+        self.stopping = False  # cancelled or out of time: no new steps
+        self.todo: collections.deque[int] = collections.deque()
         self.delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
         self.works: list[_LaneWork] = []
         self.mean_duration: float | None = None
@@ -221,9 +233,25 @@ class _Dispatch:
         self._wake_lock = threading.Lock()  # no wake-up may hit a closed fd
         self._closed = False
 
+    def add(self, spec: AgentStepSpec, data: bytes) -> int:
+        """Queue a checked spec (and its wire bytes); returns its index."""
+        index = len(self.specs)
+        self.specs.append(spec)
+        self.spec_bytes.append(data)
+        self.time_limits.append(
+            self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
+        )
+        self.outcomes.append(None)
+        self.attempts.append(0)
+        self.unstarted_deaths.append(0)
+        self.remaining += 1
+        self.todo.append(index)
+        return index
+
     # -- the loop ---------------------------------------------------------------
 
-    def run(self, lane_count: int) -> list[StepOutcome]:
+    def run(self, lane_count: int) -> None:
+        """Run until every added step (including those added meanwhile) has an outcome."""
         start = time.monotonic()
         if self.options.call_timeout is not None:
             self.deadline = start + self.options.call_timeout
@@ -254,7 +282,6 @@ class _Dispatch:
             if cancel is not None:
                 cancel._forget(self._wake_up)
             self._close()
-        return [outcome for outcome in self.outcomes if outcome is not None]
 
     def _wait(self, now: float) -> None:
         wake_at = []
@@ -264,7 +291,7 @@ class _Dispatch:
             wake_at.append(self.delayed[0][0])
         for work in self.works:
             if work.started_at is not None:
-                limit = self.options.step_timeouts[work.assigned[0]]
+                limit = self.time_limits[work.assigned[0]]
                 if limit is not None:
                     wake_at.append(work.started_at + limit)
                 if self.options.memory_limit is not None:
@@ -466,7 +493,7 @@ class _Dispatch:
             if work.started_at is None:
                 continue
             index = work.assigned[0]
-            limit = self.options.step_timeouts[index]
+            limit = self.time_limits[index]
             if limit is not None and now - work.started_at > limit:
                 spec = self.specs[index]
                 message = (
@@ -517,6 +544,7 @@ class _Dispatch:
 
     def _stop_everything(self, why: str) -> None:
         """End the call now: running steps are killed, queued ones never start."""
+        self.stopping = True
         call_timeout = self.options.call_timeout
         for work in self.works:
             if work.started_at is not None:
@@ -608,6 +636,8 @@ class _Dispatch:
             outcome = msgspec.structs.replace(outcome, error=error)
         self.outcomes[index] = outcome
         self.remaining -= 1
+        if self.on_outcome is not None:
+            self.on_outcome(index, outcome)
 
     def _emit_finished(self, index: int, success: bool, duration: float) -> None:
         if self.emit is not None and self.attempts[index]:

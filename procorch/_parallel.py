@@ -64,23 +64,18 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number > 0 (got {value!r})")
 
 
-def _step_timeouts(
+def _check_step_timeouts(
     specs: Sequence[AgentStepSpec],
     step_timeout: float | None,
     overrides: Mapping[str, float] | None,
-) -> list[float | None]:
-    """Each step's time limit: its override, else the call's step_timeout."""
+) -> None:
     if step_timeout is not None:
         _positive("step_timeout", step_timeout)
-    limits: list[float | None] = [step_timeout] * len(specs)
-    if overrides:
-        position = {spec.task_id: index for index, spec in enumerate(specs)}
-        for task_id, limit in overrides.items():
-            _positive(f"step_timeouts[{task_id!r}]", limit)
-            if task_id not in position:
-                raise ValueError(f"step_timeouts names task_id {task_id!r}, which no spec has")
-            limits[position[task_id]] = limit
-    return limits
+    task_ids = {spec.task_id for spec in specs}
+    for task_id, limit in (overrides or {}).items():
+        _positive(f"step_timeouts[{task_id!r}]", limit)
+        if task_id not in task_ids:
+            raise ValueError(f"step_timeouts names task_id {task_id!r}, which no spec has")
 
 
 def _call_options(
@@ -104,8 +99,10 @@ def _call_options(
         raise TypeError(f"retry must be a RetryPolicy (got {type(retry).__name__})")
     if cancel is not None and not isinstance(cancel, CancelToken):
         raise TypeError(f"cancel must be a CancelToken (got {type(cancel).__name__})")
+    _check_step_timeouts(specs, step_timeout, step_timeouts)
     return _CallOptions(
-        step_timeouts=_step_timeouts(specs, step_timeout, step_timeouts),
+        step_timeout=step_timeout,
+        step_timeouts=step_timeouts,
         call_timeout=call_timeout,
         memory_limit=memory_limit,
         retry=retry,
@@ -202,5 +199,8 @@ def execute_steps_parallel(
         raise ExecutorError(
             f"executor cannot be pickled for the worker processes: {type(exc).__name__}: {exc}"
         ) from exc
-    dispatch = _Dispatch(checked, wire, blob, _engine.next_token(), emit, options)
-    return dispatch.run(min(limit, len(checked)))
+    dispatch = _Dispatch(blob, _engine.next_token(), emit, options)
+    for spec, data in zip(checked, wire, strict=True):
+        dispatch.add(spec, data)
+    dispatch.run(min(limit, len(checked)))
+    return [outcome for outcome in dispatch.outcomes if outcome is not None]
