@@ -15,6 +15,7 @@ from ._guards import CancelToken, RetryPolicy
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
+from ._schema import output_schema_for
 
 __all__ = [
     "DEFAULT_MAX_PARALLEL_TASKS",
@@ -35,6 +36,7 @@ __all__ = [
     "StepRerun",
     "StepStarted",
     "execute_steps_parallel",
+    "output_schema_for",
     "shutdown",
 ]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from loky.backend import get_context
 
-_PRELOAD = ["loky.process_executor", "procorch._worker"]
+_PRELOAD = ["loky.process_executor", "procorch._worker", "jsonschema"]
 
 # The fork server's internals are not typed for outside use: hold them as Any.
 try:

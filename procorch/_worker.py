@@ -27,6 +27,7 @@ import msgspec
 
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._protocol import _Done, _encode, _Progress, _read_tail, _Retire, _Started, _tree_rss
+from ._schema import structured_violation
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -160,6 +161,20 @@ def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink
             f"{_describe(spec)} returned {type(result).__name__}, not a StepOutcome",
             None,
         )
+    if spec.output_schema is not None and result.success:
+        problem = (
+            "it has no structured output"
+            if result.structured is None
+            else structured_violation(spec.output_schema, result.structured)
+        )
+        if problem is not None:
+            return _failure(
+                spec,
+                "invalid_result",
+                f"{_describe(spec)} returned structured output that does not match its "
+                f"output_schema: {problem}",
+                None,
+            )
     return result
 
 

@@ -301,3 +301,11 @@ class GuardExecutor(AgentExecutor):
     def pids(self, kind: str) -> set[int]:
         """Pids noted under ``kind`` (worker or grandchild)."""
         return {int(p.name.split("-")[1]) for p in Path(self.state_dir).glob(f"{kind}-*")}
+
+
+class StructuredExecutor(AgentExecutor):
+    """Returns as ``structured`` the JSON found in the spec's prompt ('' for none)."""
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        value = json.loads(spec.prompt) if spec.prompt else None
+        return ok_outcome(spec, structured=value)

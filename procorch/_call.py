@@ -1,0 +1,186 @@
+"""What every entry point checks before any step starts, and the dispatch it builds.
+
+The barrier, the pipeline, the loop and the resumable run all take the same
+executor, events target and guards; this module turns them into a ready
+``_Dispatch`` or a clear error naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypedDict
+
+import cloudpickle
+import msgspec
+
+from ._dispatcher import _CallOptions, _Dispatch
+from ._errors import ExecutorError, InvalidSpecError
+from ._events import Event
+from ._executor import DEFAULT_MAX_PARALLEL_TASKS
+from ._guards import CancelToken, RetryPolicy
+from ._model import AgentStepSpec, StepOutcome
+from ._pool import _engine
+from ._schema import check_output_schema
+
+EventTarget = Callable[[Event], Any] | Any
+"""A callable taking each event, or a queue-like object with ``put``."""
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
+
+
+class Guards(TypedDict, total=False):
+    """The guards every entry point accepts (see ``execute_steps_parallel``)."""
+
+    step_timeout: float | None
+    step_timeouts: Mapping[str, float] | None
+    call_timeout: float | None
+    memory_limit: int | None
+    retry: RetryPolicy | None
+    capture_output: bool
+    cancel: CancelToken | None
+
+
+class _Call:
+    """A call whose executor, events target and guards passed every check."""
+
+    __slots__ = ("blob", "emit", "limit", "options")
+
+    def __init__(
+        self,
+        limit: int,
+        blob: bytes,
+        emit: Callable[[Event], Any] | None,
+        options: _CallOptions,
+    ) -> None:
+        self.limit = limit
+        self.blob = blob
+        self.emit = emit
+        self.options = options
+
+    def dispatch(self, on_outcome: Callable[[int, StepOutcome], None] | None = None) -> _Dispatch:
+        """A fresh dispatch for this call (its executor gets a new token)."""
+        return _Dispatch(self.blob, _engine.next_token(), self.emit, self.options, on_outcome)
+
+
+def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _Call:
+    """Check the executor, the events target and the guards; pickle the executor."""
+    if not callable(getattr(executor, "execute_step", None)):
+        raise ExecutorError(
+            f"executor must have an execute_step(spec, events) method "
+            f"(got {type(executor).__name__})"
+        )
+    limit = _concurrency(executor)
+    emit = _event_delivery(events)
+    options = _call_options(guards)
+    try:
+        blob = cloudpickle.dumps(executor)
+    except Exception as exc:
+        raise ExecutorError(
+            f"executor cannot be pickled for the worker processes: {type(exc).__name__}: {exc}"
+        ) from exc
+    return _Call(limit, blob, emit, options)
+
+
+def check_spec(index: int, spec: Any) -> bytes:
+    """The spec's wire bytes, or InvalidSpecError naming what is wrong with it."""
+    if not isinstance(spec, AgentStepSpec):
+        raise InvalidSpecError(index, f"expected an AgentStepSpec, got {type(spec).__name__}")
+    try:
+        data = _encode(spec)
+        _decode_spec(data)
+    except TypeError as exc:
+        raise InvalidSpecError(index, f"cannot be encoded: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise InvalidSpecError(index, str(exc)) from None
+    if spec.output_schema is not None:
+        problem = check_output_schema(spec.output_schema)
+        if problem is not None:
+            raise InvalidSpecError(index, f"output_schema is not a valid JSON Schema: {problem}")
+    return data
+
+
+def checked_specs(specs: Iterable[AgentStepSpec]) -> tuple[list[AgentStepSpec], list[bytes]]:
+    """The specs as a list and as wire bytes, or an error naming the first bad one."""
+    if isinstance(specs, (str, bytes, AgentStepSpec)) or not isinstance(specs, Iterable):
+        raise TypeError(f"specs must be a list of AgentStepSpec (got {type(specs).__name__})")
+    checked = list(specs)
+    wire: list[bytes] = []
+    first_index: dict[str, int] = {}
+    for index, spec in enumerate(checked):
+        wire.append(check_spec(index, spec))
+        earlier = first_index.setdefault(spec.task_id, index)
+        if earlier != index:
+            raise InvalidSpecError(
+                index, f"task_id {spec.task_id!r} is already used by specs[{earlier}]"
+            )
+    return checked, wire
+
+
+def check_step_timeouts_name_specs(guards: Guards, specs: Iterable[AgentStepSpec]) -> None:
+    """A per-task time limit must name a task of the call."""
+    task_ids = {spec.task_id for spec in specs}
+    for task_id in guards.get("step_timeouts") or {}:
+        if task_id not in task_ids:
+            raise ValueError(f"step_timeouts names task_id {task_id!r}, which no spec has")
+
+
+def _concurrency(executor: Any) -> int:
+    hint_method = getattr(executor, "concurrency_hint", None)
+    hint = DEFAULT_MAX_PARALLEL_TASKS if hint_method is None else hint_method()
+    if isinstance(hint, bool) or not isinstance(hint, int):
+        raise ExecutorError(f"concurrency_hint() must return an int (got {hint!r})")
+    return max(1, hint)
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0 (got {value!r})")
+
+
+def _call_options(guards: Guards) -> _CallOptions:
+    unknown = set(guards) - set(Guards.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown guard {sorted(unknown)[0]!r}")
+    step_timeout = guards.get("step_timeout")
+    if step_timeout is not None:
+        _positive("step_timeout", step_timeout)
+    step_timeouts = guards.get("step_timeouts") or {}
+    for task_id, limit in step_timeouts.items():
+        _positive(f"step_timeouts[{task_id!r}]", limit)
+    call_timeout = guards.get("call_timeout")
+    if call_timeout is not None:
+        _positive("call_timeout", call_timeout)
+    memory_limit = guards.get("memory_limit")
+    if memory_limit is not None and (
+        isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
+    ):
+        raise ValueError(f"memory_limit must be a number of bytes > 0 (got {memory_limit!r})")
+    retry = guards.get("retry")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy (got {type(retry).__name__})")
+    cancel = guards.get("cancel")
+    if cancel is not None and not isinstance(cancel, CancelToken):
+        raise TypeError(f"cancel must be a CancelToken (got {type(cancel).__name__})")
+    return _CallOptions(
+        step_timeout=step_timeout,
+        step_timeouts=step_timeouts,
+        call_timeout=call_timeout,
+        memory_limit=memory_limit,
+        retry=retry,
+        capture=bool(guards.get("capture_output", False)),
+        cancel=cancel,
+    )
+
+
+def _event_delivery(events: EventTarget | None) -> Callable[[Event], Any] | None:
+    if events is None:
+        return None
+    if callable(events):
+        return events
+    put = getattr(events, "put", None)
+    if callable(put):
+        return put  # type: ignore[no-any-return]
+    raise TypeError(
+        f"events must be a callable or an object with a put() method (got {type(events).__name__})"
+    )
