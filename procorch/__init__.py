@@ -1,5 +1,6 @@
 """procorch: run untrusted steps in worker processes and survive whatever they do."""
 
+from ._combinators import Stage, execute_loop, execute_pipeline
 from ._errors import ExecutorError, InvalidSpecError
 from ._events import (
     Event,
@@ -28,6 +29,7 @@ __all__ = [
     "ExecutorError",
     "InvalidSpecError",
     "RetryPolicy",
+    "Stage",
     "StepCrashed",
     "StepError",
     "StepFinished",
@@ -35,6 +37,8 @@ __all__ = [
     "StepProgress",
     "StepRerun",
     "StepStarted",
+    "execute_loop",
+    "execute_pipeline",
     "execute_steps_parallel",
     "output_schema_for",
     "shutdown",

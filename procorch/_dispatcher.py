@@ -69,6 +69,7 @@ _MAX_UNSTARTED_DEATHS = 3
 _CHUNK_SECONDS = 0.005
 _MAX_CHUNK = 256
 _PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
+_QUEUE_BEHIND_BELOW = 0.01  # seconds: mean step time under which chunks queue up
 
 # At the end of a call, how long a lane whose steps are all done may take to
 # report its last call returned before it is killed instead of kept warm.
@@ -325,10 +326,15 @@ class _Dispatch:
         return max(1, min(wanted, fair, _MAX_CHUNK))
 
     def _assign(self) -> None:
-        for work in self.works:
+        # Idle lanes first; then, for quick steps only, a second chunk queued
+        # behind a running one. A step queued behind a slow one would wait for
+        # it (queued work cannot be taken back), so slow steps never queue.
+        quick = self.mean_duration is not None and self.mean_duration < _QUEUE_BEHIND_BELOW
+        depth = _PIPELINE_DEPTH if quick else 1
+        for work in sorted(self.works, key=lambda work: len(work.futures)):
             if not self.todo:
                 return
-            if len(work.futures) >= _PIPELINE_DEPTH or work.ended or work.retiring:
+            if len(work.futures) >= depth or work.ended or work.retiring:
                 continue
             size = self._chunk_size()
             chunk = [self.todo.popleft() for _ in range(min(size, len(self.todo)))]

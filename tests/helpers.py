@@ -62,6 +62,14 @@ class SeedExecutor(AgentExecutor):
         return self.hint
 
 
+class SlowAgentExecutor(SeedExecutor):
+    """A SeedExecutor whose steps of agent 'slow' take a second, the others 50 ms."""
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        self.sleep = 1.0 if spec.agent == "slow" else 0.05
+        return super().execute_step(spec, events)
+
+
 def read_records(record_dir: Path) -> list[dict[str, Any]]:
     """Every record a SeedExecutor wrote."""
     return [json.loads(path.read_text()) for path in sorted(Path(record_dir).glob("*.json"))]
