@@ -1,7 +1,7 @@
 """procorch: run untrusted steps in worker processes and survive whatever they do."""
 
 from ._combinators import Stage, execute_loop, execute_pipeline
-from ._errors import ExecutorError, InvalidSpecError
+from ._errors import ExecutorError, InvalidSpecError, JournalSchemaError, WorkflowLockedError
 from ._events import (
     Event,
     EventSink,
@@ -13,9 +13,11 @@ from ._events import (
 )
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._guards import CancelToken, RetryPolicy
+from ._journal import JournalStore, SqliteStore, WorkflowJournal
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
+from ._resumable import execute_steps_parallel_resumable
 from ._schema import output_schema_for
 
 __all__ = [
@@ -28,7 +30,10 @@ __all__ = [
     "EventSink",
     "ExecutorError",
     "InvalidSpecError",
+    "JournalSchemaError",
+    "JournalStore",
     "RetryPolicy",
+    "SqliteStore",
     "Stage",
     "StepCrashed",
     "StepError",
@@ -37,9 +42,12 @@ __all__ = [
     "StepProgress",
     "StepRerun",
     "StepStarted",
+    "WorkflowJournal",
+    "WorkflowLockedError",
     "execute_loop",
     "execute_pipeline",
     "execute_steps_parallel",
+    "execute_steps_parallel_resumable",
     "output_schema_for",
     "shutdown",
 ]

@@ -93,3 +93,24 @@ def stop_server() -> None:
     if _started_server:
         _forkserver._forkserver._stop()
         _started_server = False
+
+
+def release_server_in_worker() -> None:
+    """In a worker: drop the fork server's keep-alive pipe, which every child inherits.
+
+    The server exits when the last holder of that pipe closes it. Workers
+    hold a copy only so that they could ask the server for children of their
+    own, which they never do; without closing it, a caller killed by SIGKILL
+    would leave the server alive because of its workers, and the workers
+    alive because of the server (they die with their parent, see ``_worker``).
+    """
+    if not _HAVE_FORKSERVER:  # pragma: no cover
+        return
+    server = _forkserver._forkserver
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ExecutorError", "InvalidSpecError"]
+__all__ = ["ExecutorError", "InvalidSpecError", "JournalSchemaError", "WorkflowLockedError"]
 
 
 class InvalidSpecError(ValueError):
@@ -19,3 +19,35 @@ class InvalidSpecError(ValueError):
 
 class ExecutorError(TypeError):
     """The executor object cannot be used: it lacks the seam, or cannot be pickled."""
+
+
+class WorkflowLockedError(RuntimeError):
+    """Another live process is running this workflow; two must never run its steps."""
+
+    def __init__(self, workflow_id: str, pid: int, host: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r} is already being run (by pid {pid} on {host}); "
+            "wait for that run to finish or stop it before resuming"
+        )
+        self.workflow_id = workflow_id
+        self.pid = pid
+        self.host = host
+
+    def __reduce__(self) -> tuple[type[WorkflowLockedError], tuple[str, int, str]]:
+        return type(self), (self.workflow_id, self.pid, self.host)
+
+
+class JournalSchemaError(RuntimeError):
+    """The journal was written by a newer procorch, whose layout this one cannot read."""
+
+    def __init__(self, path: str, found: int, supported: int) -> None:
+        super().__init__(
+            f"journal {path} has schema version {found}, newer than the {supported} this "
+            "procorch reads"
+        )
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+    def __reduce__(self) -> tuple[type[JournalSchemaError], tuple[str, int, int]]:
+        return type(self), (self.path, self.found, self.supported)

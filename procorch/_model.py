@@ -19,6 +19,7 @@ ErrorKind = Literal[
     "timeout",
     "memory",
     "cancelled",
+    "journal",
     "invalid_result",
     "serialization",
     "internal",
@@ -74,6 +75,8 @@ class StepError(msgspec.Struct, frozen=True, omit_defaults=True):
       the cap, both in bytes.
     - ``cancelled``: the call was cancelled (or ran out of time) before the
       step could finish; a step that had started was stopped.
+    - ``journal``: a resumable run could not use its journal (written by a
+      newer procorch), so the step was not run.
     - ``invalid_result``: the executor returned something other than a
       :class:`StepOutcome`.
     - ``serialization``: the executor could not be rebuilt in the worker, or

@@ -12,8 +12,10 @@ without an outcome frame is the death of the process.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,6 +27,7 @@ import cloudpickle
 import loky.process_executor
 import msgspec
 
+from ._context import release_server_in_worker
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._protocol import _Done, _encode, _Progress, _read_tail, _Retire, _Started, _tree_rss
 from ._schema import structured_violation
@@ -49,6 +52,8 @@ def _init(channel: Connection, crash_channel: Connection, capture_path: str) -> 
     # lanes opt out: procorch replaces workers itself (see the memory cap).
     loky.process_executor._MAX_MEMORY_LEAK_SIZE = 2**62
     os.setpgid(0, 0)
+    release_server_in_worker()
+    _die_with_parent()
     _channel = channel
     _crash_channel = crash_channel  # kept referenced: its fd must stay open
     _capture_path = capture_path
@@ -75,6 +80,23 @@ def _capture(on: bool) -> None:
         for fd in _saved_std_fds:
             os.close(fd)
         _saved_std_fds = None
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when its parent process dies.
+
+    The parent is the fork server, which exits when the caller's process
+    does, however that process dies (SIGKILL included): without this, a
+    worker would finish its step (and its step's side effects) for nobody.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class _ChannelSink:

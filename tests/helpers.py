@@ -317,3 +317,37 @@ class StructuredExecutor(AgentExecutor):
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
         value = json.loads(spec.prompt) if spec.prompt else None
         return ok_outcome(spec, structured=value)
+
+
+class JournaledExecutor(AgentExecutor):
+    """Appends 'start <task_id>' and, ``sleep`` seconds later, 'finish <task_id>' to a log."""
+
+    def __init__(self, log_path: str, sleep: float = 0.3, hint: int = 2) -> None:
+        self.log_path = log_path
+        self.sleep = sleep
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def _log(self, line: str) -> None:
+        with open(self.log_path, "a") as log:
+            log.write(line + "\n")
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        self._log(f"start {spec.task_id}")
+        time.sleep(self.sleep)
+        self._log(f"finish {spec.task_id}")
+        return ok_outcome(spec)
+
+
+def log_counts(log_path: str, word: str) -> dict[str, int]:
+    """How many times each task_id appears after ``word`` in a JournaledExecutor log."""
+    counts: dict[str, int] = {}
+    if not os.path.exists(log_path):
+        return counts
+    for line in Path(log_path).read_text().splitlines():
+        kind, task_id = line.split()
+        if kind == word:
+            counts[task_id] = counts.get(task_id, 0) + 1
+    return counts

@@ -1,0 +1,238 @@
+"""Resumable runs: a journal that survives the parent's death, and its lease."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import JournaledExecutor, log_counts, spec
+
+from procorch import (
+    SqliteStore,
+    WorkflowLockedError,
+    execute_steps_parallel_resumable,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leaked_processes")
+
+TESTS = Path(__file__).resolve().parent
+
+_RUN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import JournaledExecutor, spec
+import procorch
+
+specs = [spec(f"t{{i}}") for i in range({steps})]
+procorch.execute_steps_parallel_resumable(
+    JournaledExecutor({log!r}, sleep={sleep}, hint={hint}), specs, {workflow!r}, {journal!r}
+)
+"""
+
+
+def _journal_rows(journal: Path, workflow_id: str) -> set[str]:
+    if not journal.exists():
+        return set()
+    with sqlite3.connect(journal) as connection:
+        try:
+            rows = connection.execute(
+                "SELECT task_id FROM procorch_steps WHERE workflow_id = ?", (workflow_id,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # the tables are not there yet
+            return set()
+    return {row[0] for row in rows}
+
+
+def _start_run(
+    tmp_path: Path, workflow: str, steps: int, sleep: float = 0.3, hint: int = 2
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    log = tmp_path / f"{workflow}.log"
+    journal = tmp_path / "journal.db"
+    script = tmp_path / f"{workflow}.py"
+    script.write_text(
+        _RUN_SCRIPT.format(
+            tests=str(TESTS),
+            steps=steps,
+            log=str(log),
+            sleep=sleep,
+            hint=hint,
+            workflow=workflow,
+            journal=str(journal),
+        )
+    )
+    # Output goes to a file: helper processes of a killed run may hold a pipe open.
+    with open(tmp_path / f"{workflow}.out", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(script)], stdout=output, stderr=subprocess.STDOUT, text=True
+        )
+    return process, log, journal
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def _wait_for(condition, within: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _kill_when_journaled(
+    process: subprocess.Popen[str], journal: Path, workflow: str, rows: int
+) -> set[str]:
+    """SIGKILL the run once ``rows`` steps are journaled; return what the journal holds."""
+    _wait_for(lambda: len(_journal_rows(journal, workflow)) >= rows)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    return _journal_rows(journal, workflow)
+
+
+def test_resume_after_sigkill_runs_each_step_to_success_once(tmp_path: Path) -> None:
+    """Steps journaled before a SIGKILL never start again; every step ends up done once."""
+    process, log, journal = _start_run(tmp_path, "wf", steps=8)
+    completed = _kill_when_journaled(process, journal, "wf", rows=3)
+    assert 3 <= len(completed) < 8
+    out = execute_steps_parallel_resumable(
+        JournaledExecutor(str(log)), [spec(f"t{i}") for i in range(8)], "wf", journal
+    )
+    assert [o.task_id for o in out] == [f"t{i}" for i in range(8)]
+    assert all(o.success for o in out)
+    starts = log_counts(str(log), "start")
+    assert all(starts[task_id] == 1 for task_id in completed)  # never run again
+    assert set(log_counts(str(log), "finish")) == {f"t{i}" for i in range(8)}
+    assert not _journal_rows(journal, "wf")  # removed after full success
+
+
+def test_soak_fifteen_interrupted_workflows_all_resume(tmp_path: Path) -> None:
+    """Fifteen runs, each killed with a step in flight, all resume to completion."""
+    runs = {
+        f"w{n}": _start_run(tmp_path, f"w{n}", steps=6, sleep=0.5, hint=1)[0] for n in range(15)
+    }
+    journal = tmp_path / "journal.db"
+    completed: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 120
+    while len(completed) < len(runs):
+        assert time.monotonic() < deadline, f"only {sorted(completed)} were journaled in time"
+        for workflow, process in runs.items():
+            if workflow not in completed and _journal_rows(journal, workflow):
+                process.send_signal(signal.SIGKILL)  # its next step is in flight
+                process.wait(timeout=60)
+                completed[workflow] = _journal_rows(journal, workflow)
+            assert process.poll() is None or workflow in completed, (
+                tmp_path / f"{workflow}.out"
+            ).read_text()
+        time.sleep(0.01)
+    assert all(len(done) < 6 for done in completed.values())
+    for n in range(15):
+        workflow = f"w{n}"
+        log = tmp_path / f"{workflow}.log"
+        out = execute_steps_parallel_resumable(
+            JournaledExecutor(str(log), sleep=0.01),
+            [spec(f"t{i}") for i in range(4)],
+            workflow,
+            journal,
+        )
+        assert all(o.success for o in out), workflow
+        starts = log_counts(str(log), "start")
+        assert all(starts[task_id] == 1 for task_id in completed[workflow])
+        assert not _journal_rows(journal, workflow)
+
+
+def test_changed_spec_is_run_again(tmp_path: Path) -> None:
+    """A stored outcome is reused only for the very same spec."""
+    journal = tmp_path / "journal.db"
+    log = tmp_path / "log"
+    store = SqliteStore(journal)
+    first = execute_steps_parallel_resumable(
+        JournaledExecutor(str(log), sleep=0.0), [spec("a"), spec("b", "fail-me")], "wf", store
+    )
+    assert all(o.success for o in first)
+    # Full success removed the journal: a rerun runs everything again.
+    execute_steps_parallel_resumable(
+        JournaledExecutor(str(log), sleep=0.0), [spec("a")], "wf", store
+    )
+    assert log_counts(str(log), "start") == {"a": 2, "b": 1}
+
+
+def test_newer_journal_schema_fails_every_step_without_running(tmp_path: Path) -> None:
+    """A journal from a newer procorch is left alone and nothing runs."""
+    journal = tmp_path / "journal.db"
+    with sqlite3.connect(journal) as connection:
+        connection.execute("CREATE TABLE procorch_schema (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO procorch_schema VALUES (99)")
+    log = tmp_path / "log"
+    out = execute_steps_parallel_resumable(
+        JournaledExecutor(str(log)), [spec("a"), spec("b")], "wf", journal
+    )
+    assert [o.error.kind for o in out] == ["journal", "journal"]  # type: ignore[union-attr]
+    assert "workflow 'wf' cannot be resumed" in out[0].output
+    assert "schema version 99, newer than the 1 this procorch reads" in out[0].output
+    assert not log.exists()
+    with sqlite3.connect(journal) as connection:
+        assert connection.execute("SELECT version FROM procorch_schema").fetchone() == (99,)
+
+
+def test_second_resumer_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """Two processes never run one workflow: the second gets a clear error."""
+    process, log, journal = _start_run(tmp_path, "wf", steps=6, sleep=0.5)
+    _wait_for(lambda: "start" in (log.read_text() if log.exists() else ""))
+    with pytest.raises(WorkflowLockedError, match=rf"already being run \(by pid {process.pid} on"):
+        execute_steps_parallel_resumable(
+            JournaledExecutor(str(log)), [spec(f"t{i}") for i in range(6)], "wf", journal
+        )
+    assert process.wait(timeout=60) == 0, (tmp_path / "wf.out").read_text()
+    assert log_counts(str(log), "start") == {f"t{i}": 1 for i in range(6)}
+
+
+def test_second_resumer_in_the_same_process_is_refused(tmp_path: Path) -> None:
+    """Another thread of the same process cannot run a workflow already running."""
+    journal = tmp_path / "journal.db"
+    log = tmp_path / "log"
+    specs = [spec("a"), spec("b")]
+    first = threading.Thread(
+        target=execute_steps_parallel_resumable,
+        args=(JournaledExecutor(str(log), sleep=1.0), specs, "wf", journal),
+    )
+    first.start()
+    _wait_for(lambda: bool(log_counts(str(log), "start")))
+    with pytest.raises(WorkflowLockedError, match=rf"already being run \(by pid {os.getpid()} on"):
+        execute_steps_parallel_resumable(JournaledExecutor(str(log)), specs, "wf", journal)
+    first.join(timeout=60)
+    assert log_counts(str(log), "start") == {"a": 1, "b": 1}
+
+
+def test_workflow_id_must_be_a_string(tmp_path: Path) -> None:
+    """An empty workflow id is refused."""
+    with pytest.raises(ValueError, match="workflow_id must be a non-empty string"):
+        execute_steps_parallel_resumable(
+            JournaledExecutor(str(tmp_path / "log")), [spec("a")], "", tmp_path / "j.db"
+        )
+
+
+def test_killed_parent_takes_its_workers_with_it(tmp_path: Path) -> None:
+    """After the parent's SIGKILL, its workers die too instead of finishing for nobody."""
+    process, log, journal = _start_run(tmp_path, "wf", steps=4, sleep=2.0)
+    _wait_for(lambda: len(log_counts(str(log), "start")) >= 2)
+    workers = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    _wait_for(lambda: not _alive(workers), within=10)
+    assert not log_counts(str(log), "finish")
+    assert os.path.exists(journal)
