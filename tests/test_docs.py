@@ -43,3 +43,25 @@ def test_readme_guards_example_runs(tmp_path: Path) -> None:
     assert len(promised) == len(lines) == 4
     for printed, promise in zip(lines, promised, strict=True):
         assert printed.startswith(promise), (printed, promise)
+
+
+def _promised_output(block: str) -> list[str]:
+    """The comment lines that directly follow a print() call: what it should print."""
+    promised: list[str] = []
+    after_print = False
+    for line in block.splitlines():
+        text = line.strip()
+        if text.startswith("print("):
+            after_print = True
+        elif after_print and text.startswith("# "):
+            promised.append(text[2:])
+        else:
+            after_print = False
+    return promised
+
+
+def test_readme_orchestration_example_runs(tmp_path: Path) -> None:
+    """The orchestration example prints what its comments promise, line for line."""
+    lines = _run_readme_block(2, tmp_path)
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
+    assert lines == _promised_output(block)
