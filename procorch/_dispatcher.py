@@ -365,14 +365,16 @@ class _Dispatch:
         # frame before its call returns, so once a future is done every frame
         # of its chunk is already in the pipe. Looking after draining races.
         done = [future for future in work.futures if future.done()]
-        channel = work.lane.channel
-        while not work.ended and channel.poll(0):
+        reader = work.lane.frames
+        for data in reader.read():
             try:
-                frame = _decode_frame(channel.recv_bytes())
-            except (EOFError, OSError, msgspec.DecodeError):
-                work.ended = True  # dead worker, perhaps mid-frame
+                frame = _decode_frame(data)
+            except msgspec.DecodeError:  # cannot happen short of a bug: say so
+                work.ended = True
                 break
             self._on_frame(work, frame)
+        if reader.eof:
+            work.ended = True  # the worker is gone
         failed = [future for future in done if future.exception() is not None]
         if failed:
             self._on_lost_worker(work, failed[0].exception())

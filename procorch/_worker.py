@@ -29,7 +29,16 @@ import msgspec
 
 from ._context import release_server_in_worker
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
-from ._protocol import _Done, _encode, _Progress, _read_tail, _Retire, _Started, _tree_rss
+from ._protocol import (
+    _Done,
+    _encode,
+    _Progress,
+    _read_tail,
+    _Retire,
+    _Started,
+    _tree_rss,
+    _write_frame,
+)
 from ._schema import structured_violation
 
 _channel: Connection | None = None
@@ -82,6 +91,11 @@ def _capture(on: bool) -> None:
         _saved_std_fds = None
 
 
+def _send(frame: bytes) -> None:
+    assert _channel is not None, "worker used before _init"
+    _write_frame(_channel.fileno(), frame)
+
+
 def _die_with_parent() -> None:
     """On Linux, have the kernel SIGKILL this worker when its parent process dies.
 
@@ -115,15 +129,13 @@ class _ChannelSink:
             raise TypeError(f"event data must be encodable by msgspec: {exc}") from None
         with self._lock:
             if self._open:
-                assert _channel is not None
-                _channel.send_bytes(frame)
+                _send(frame)
 
     def close_with(self, frame: bytes) -> None:
         """Send the step's last frame; later emits (from stray threads) are dropped."""
         with self._lock:
             self._open = False
-            assert _channel is not None
-            _channel.send_bytes(frame)
+            _send(frame)
 
 
 def _failure(
@@ -235,11 +247,11 @@ def run_steps(
         if retire_above is not None and not _retired:
             _retired = _tree_rss(os.getpid()) > retire_above
         if _retired:
-            _channel.send_bytes(_encode(_Retire(_tree_rss(os.getpid()))))
+            _send(_encode(_Retire(_tree_rss(os.getpid()))))
             return
         if capture:
             _capture(True)
-        _channel.send_bytes(_encode(_Started(os.getpid())))
+        _send(_encode(_Started(os.getpid())))
         spec = _decode_spec(spec_bytes)
         sink = _ChannelSink()
         start = time.perf_counter()
