@@ -1,5 +1,11 @@
 """procorch: run untrusted steps in worker processes and survive whatever they do."""
 
+from ._aio import (
+    EventStream,
+    execute_loop_async,
+    execute_pipeline_async,
+    execute_steps_parallel_async,
+)
 from ._combinators import Stage, execute_loop, execute_pipeline
 from ._errors import ExecutorError, InvalidSpecError, JournalSchemaError, WorkflowLockedError
 from ._events import (
@@ -28,6 +34,7 @@ __all__ = [
     "ErrorKind",
     "Event",
     "EventSink",
+    "EventStream",
     "ExecutorError",
     "InvalidSpecError",
     "JournalSchemaError",
@@ -45,8 +52,11 @@ __all__ = [
     "WorkflowJournal",
     "WorkflowLockedError",
     "execute_loop",
+    "execute_loop_async",
     "execute_pipeline",
+    "execute_pipeline_async",
     "execute_steps_parallel",
+    "execute_steps_parallel_async",
     "execute_steps_parallel_resumable",
     "output_schema_for",
     "shutdown",

@@ -9,6 +9,7 @@ defined in ``__main__`` or typed at the interpreter prompt is fine.
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable
 
 from ._events import EventSink
 from ._model import AgentStepSpec, StepOutcome
@@ -33,8 +34,15 @@ class AgentExecutor(abc.ABC):
     """
 
     @abc.abstractmethod
-    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        """Run ``spec`` and return its outcome; ``events.emit`` reports progress."""
+    def execute_step(
+        self, spec: AgentStepSpec, events: EventSink
+    ) -> StepOutcome | Awaitable[StepOutcome]:
+        """Run ``spec`` and return its outcome; ``events.emit`` reports progress.
+
+        May be a coroutine function (``async def``): the worker then runs it on
+        an event loop of its own, so executors that await network calls work
+        unchanged.
+        """
 
     def concurrency_hint(self) -> int:
         """The most steps of one call that may run at once (a value below 1 counts as 1)."""

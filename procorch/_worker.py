@@ -12,8 +12,10 @@ without an outcome frame is the death of the process.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import faulthandler
+import inspect
 import os
 import signal
 import sys
@@ -50,6 +52,7 @@ _executor_token: int | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
 _retired = False  # this worker grew too large and takes no more steps
+_loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
@@ -151,6 +154,14 @@ def _failure(
     return StepOutcome.failed(spec.task_id, spec.agent, message, error)
 
 
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The worker's own event loop, for executors whose execute_step is a coroutine."""
+    global _loop
+    if _loop is None or _loop.is_closed():
+        _loop = asyncio.new_event_loop()
+    return _loop
+
+
 def _describe(spec: AgentStepSpec) -> str:
     return f"step {spec.task_id!r} (agent {spec.agent!r})"
 
@@ -184,6 +195,8 @@ def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink
         )
     try:
         result = executor.execute_step(spec, sink)
+        if inspect.iscoroutine(result):
+            result = _event_loop().run_until_complete(result)
     except BaseException as exc:
         return _failure(
             spec, "exception", f"{_describe(spec)} raised {type(exc).__name__}: {exc}", exc

@@ -351,3 +351,23 @@ def log_counts(log_path: str, word: str) -> dict[str, int]:
         if kind == word:
             counts[task_id] = counts.get(task_id, 0) + 1
     return counts
+
+
+class AsyncExecutor(AgentExecutor):
+    """An executor whose execute_step is a coroutine, awaiting ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.05, hint: int = 2) -> None:
+        self.delay = delay
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    async def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        import asyncio
+
+        events.emit("awaiting")
+        await asyncio.sleep(self.delay)
+        if spec.agent == "hang":
+            await asyncio.sleep(3600)
+        return ok_outcome(spec, structured={"loop": type(asyncio.get_running_loop()).__name__})
