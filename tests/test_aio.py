@@ -95,9 +95,16 @@ def test_cancelling_the_task_cancels_the_batch() -> None:
     elapsed, pid = asyncio.run(main())
     assert elapsed < 10
     deadline = time.monotonic() + 5
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while _running(pid):
         assert time.monotonic() < deadline, "the cancelled step's worker is still running"
         time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_crash_in_an_async_batch_is_isolated() -> None:
