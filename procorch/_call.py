@@ -58,9 +58,15 @@ class _Call:
         self.emit = emit
         self.options = options
 
-    def dispatch(self, on_outcome: Callable[[int, StepOutcome], None] | None = None) -> _Dispatch:
+    def dispatch(
+        self,
+        on_outcome: Callable[[int, StepOutcome], None] | None = None,
+        keep_outcomes: bool = True,
+    ) -> _Dispatch:
         """A fresh dispatch for this call (its executor gets a new token)."""
-        return _Dispatch(self.blob, _engine.next_token(), self.emit, self.options, on_outcome)
+        return _Dispatch(
+            self.blob, _engine.next_token(), self.emit, self.options, on_outcome, keep_outcomes
+        )
 
 
 def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _Call:

@@ -62,7 +62,7 @@ def execute_pipeline(
             if spec is None:
                 results[item] = previous
                 return
-            data = check_spec(len(dispatch.specs), spec)
+            data = check_spec(dispatch.next_index, spec)
         except InvalidSpecError as exc:
             results[item] = _stage_failure(item, stage, previous, f"built a bad spec: {exc.reason}")
             return
@@ -78,7 +78,7 @@ def execute_pipeline(
         if outcome.success and stage + 1 < len(stages) and not dispatch.stopping:
             start_stage(item, stage + 1, outcome)
 
-    dispatch = call.dispatch(on_outcome=advance)
+    dispatch = call.dispatch(on_outcome=advance, keep_outcomes=False)
     for item in range(len(items)):
         start_stage(item, 0, None)
     if dispatch.remaining:

@@ -190,8 +190,17 @@ class _LaneWork:
         self.retiring = False
 
 
-class _Stop(Exception):
-    """Raised inside the loop when the call must end early (cancel, deadline)."""
+class _Step:
+    """What the dispatcher knows of one unfinished step; dropped when it ends."""
+
+    __slots__ = ("attempts", "data", "limit", "spec", "unstarted_deaths")
+
+    def __init__(self, spec: AgentStepSpec, data: bytes, limit: float | None) -> None:
+        self.spec = spec
+        self.data = data  # its wire bytes
+        self.limit = limit  # seconds, or None
+        self.attempts = 0  # times it was started
+        self.unstarted_deaths = 0  # workers that died before it could start
 
 
 class _Dispatch:
@@ -204,19 +213,19 @@ class _Dispatch:
         emit: Callable[[Event], Any] | None,
         options: _CallOptions,
         on_outcome: Callable[[int, StepOutcome], None] | None = None,
+        keep_outcomes: bool = True,
     ) -> None:
         self.blob = blob
         self.token = token
         self.emit = emit
         self.options = options
         self.on_outcome = on_outcome
-        # Per step, by index (the order steps were added in):
-        self.specs: list[AgentStepSpec] = []
-        self.spec_bytes: list[bytes] = []
-        self.time_limits: list[float | None] = []
-        self.outcomes: list[StepOutcome | None] = []
-        self.attempts: list[int] = []
-        self.unstarted_deaths: list[int] = []
+        # Unfinished steps by index (the order they were added in). A finished
+        # step leaves nothing behind but, with keep_outcomes, its outcome: a
+        # stream of a million steps runs in constant memory.
+        self.steps: dict[int, _Step] = {}
+        self.outcomes: dict[int, StepOutcome] | None = {} if keep_outcomes else None
+        self.next_index = 0
         self.remaining = 0
         self.stopping = False  # cancelled or out of time: no new steps
         self.todo: collections.deque[int] = collections.deque()
@@ -233,18 +242,14 @@ class _Dispatch:
         os.set_blocking(self._wake_writer, False)
         self._wake_lock = threading.Lock()  # no wake-up may hit a closed fd
         self._closed = False
+        self._previous_sigterm: Any = None
 
     def add(self, spec: AgentStepSpec, data: bytes) -> int:
         """Queue a checked spec (and its wire bytes); returns its index."""
-        index = len(self.specs)
-        self.specs.append(spec)
-        self.spec_bytes.append(data)
-        self.time_limits.append(
-            self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
-        )
-        self.outcomes.append(None)
-        self.attempts.append(0)
-        self.unstarted_deaths.append(0)
+        index = self.next_index
+        self.next_index += 1
+        limit = self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
+        self.steps[index] = _Step(spec, data, limit)
         self.remaining += 1
         self.todo.append(index)
         return index
@@ -253,36 +258,48 @@ class _Dispatch:
 
     def run(self, lane_count: int) -> None:
         """Run until every added step (including those added meanwhile) has an outcome."""
-        start = time.monotonic()
-        if self.options.call_timeout is not None:
-            self.deadline = start + self.options.call_timeout
-        self.works = [_LaneWork(lane) for lane in _engine.acquire(lane_count)]
-        cancel = self.options.cancel
-        if cancel is not None:
-            cancel._listen(self._wake_up)
-        previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
+        self.open(lane_count)
         try:
             while self.remaining:
-                now = time.monotonic()
-                if cancel is not None and cancel.cancelled:
-                    self._stop_everything("cancelled")
-                    break
-                if self.deadline is not None and now >= self.deadline:
-                    self._stop_everything("deadline")
-                    break
-                self._release_delayed(now)
-                self._assign()
-                self._wait(now)
-                for work in self.works:
-                    self._service(work)
-                self._check_time_limits()
-                self._check_memory()
+                self.turn()
         finally:
-            if previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, previous_sigterm)
-            if cancel is not None:
-                cancel._forget(self._wake_up)
-            self._close()
+            self.close()
+
+    def open(self, lane_count: int) -> None:
+        """Borrow the lanes and arm the guards; ``turn`` until done, then ``close``."""
+        if self.options.call_timeout is not None:
+            self.deadline = time.monotonic() + self.options.call_timeout
+        self.works = [_LaneWork(lane) for lane in _engine.acquire(lane_count)]
+        if self.options.cancel is not None:
+            self.options.cancel._listen(self._wake_up)
+        self._previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
+
+    def turn(self) -> None:
+        """Start what can start, wait for news (or a deadline), and act on it."""
+        now = time.monotonic()
+        cancel = self.options.cancel
+        if cancel is not None and cancel.cancelled:
+            self._stop_everything("cancelled")
+            return
+        if self.deadline is not None and now >= self.deadline:
+            self._stop_everything("deadline")
+            return
+        self._release_delayed(now)
+        self._assign()
+        self._wait(now)
+        for work in self.works:
+            self._service(work)
+        self._check_time_limits()
+        self._check_memory()
+
+    def close(self) -> None:
+        """Give the lanes back (killing any with unfinished work) and disarm the guards."""
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        if self.options.cancel is not None:
+            self.options.cancel._forget(self._wake_up)
+        self._close()
 
     def _wait(self, now: float) -> None:
         wake_at = []
@@ -292,7 +309,7 @@ class _Dispatch:
             wake_at.append(self.delayed[0][0])
         for work in self.works:
             if work.started_at is not None:
-                limit = self.time_limits[work.assigned[0]]
+                limit = self.steps[work.assigned[0]].limit
                 if limit is not None:
                     wake_at.append(work.started_at + limit)
                 if self.options.memory_limit is not None:
@@ -342,7 +359,7 @@ class _Dispatch:
                 future = work.lane.submit(
                     self.token,
                     self.blob,
-                    [self.spec_bytes[index] for index in chunk],
+                    [self.steps[index].data for index in chunk],
                     self.options.capture,
                     self.retire_above,
                 )
@@ -396,18 +413,17 @@ class _Dispatch:
             work.retiring = True
             return
         index = work.assigned[0]
-        spec = self.specs[index]
+        step = self.steps[index]
+        spec = step.spec
         if isinstance(frame, _Started):
-            self.attempts[index] += 1
+            step.attempts += 1
             work.started_at = time.monotonic()
             work.pid = frame.pid
             if self.emit is not None:
-                self.emit(
-                    StepStarted(index, spec.task_id, self.attempts[index], spec.agent, frame.pid)
-                )
+                self.emit(StepStarted(index, spec.task_id, step.attempts, spec.agent, frame.pid))
         elif isinstance(frame, _Progress):
             if self.emit is not None:
-                self.emit(StepProgress(index, spec.task_id, self.attempts[index], frame.data))
+                self.emit(StepProgress(index, spec.task_id, step.attempts, frame.data))
         elif isinstance(frame, _Done):
             work.assigned.popleft()
             work.started_at = None
@@ -431,7 +447,7 @@ class _Dispatch:
         self._replace_lane(work)
         if culprit is None:
             return
-        spec = self.specs[culprit]
+        spec = self.steps[culprit].spec
         if not isinstance(exc, BrokenProcessPool):
             self._fail(culprit, "internal", self._internal_message(culprit, exc), None)
             return
@@ -440,7 +456,7 @@ class _Dispatch:
                 StepCrashed(
                     culprit,
                     spec.task_id,
-                    self.attempts[culprit],
+                    self.steps[culprit].attempts,
                     pid,
                     exit_code,
                     _signal_name(exit_code),
@@ -465,12 +481,13 @@ class _Dispatch:
         if unstarted and not skip_first:
             # The worker died before it began anything: charge the first step.
             first = unstarted[0]
-            self.unstarted_deaths[first] += 1
-            if self.unstarted_deaths[first] > _MAX_UNSTARTED_DEATHS:
+            step = self.steps[first]
+            step.unstarted_deaths += 1
+            if step.unstarted_deaths > _MAX_UNSTARTED_DEATHS:
                 unstarted.pop(0)
-                spec = self.specs[first]
+                spec = step.spec
                 message = (
-                    f"{_describe(spec)} could not start: {self.unstarted_deaths[first]} worker "
+                    f"{_describe(spec)} could not start: {step.unstarted_deaths} worker "
                     f"processes in a row died before it began (the last, pid {pid}, with exit "
                     f"code {code})."
                 )
@@ -481,7 +498,9 @@ class _Dispatch:
                     signal=_signal_name(code),
                     pid=pid,
                 )
-                self._record(first, StepOutcome.failed(spec.task_id, spec.agent, message, error))
+                self._record(
+                    first, StepOutcome.failed(spec.task_id, spec.agent, message, error), 0.0
+                )
         self.todo.extendleft(reversed(unstarted))
 
     def _replace_lane(self, work: _LaneWork, *, kill: bool = True) -> None:
@@ -501,9 +520,9 @@ class _Dispatch:
             if work.started_at is None:
                 continue
             index = work.assigned[0]
-            limit = self.time_limits[index]
+            limit = self.steps[index].limit
             if limit is not None and now - work.started_at > limit:
-                spec = self.specs[index]
+                spec = self.steps[index].spec
                 message = (
                     f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, "
                     f"so its worker process (pid {work.pid}) was killed."
@@ -521,7 +540,7 @@ class _Dispatch:
                 continue
             used = work.lane.memory()
             if used > limit:
-                spec = self.specs[work.assigned[0]]
+                spec = self.steps[work.assigned[0]].spec
                 message = (
                     f"{_describe(spec)} went over its memory cap: its worker process (pid "
                     f"{work.pid}) and its children reached {_megabytes(used)}, more than the "
@@ -557,7 +576,7 @@ class _Dispatch:
         for work in self.works:
             if work.started_at is not None:
                 index = work.assigned.popleft()
-                spec = self.specs[index]
+                spec = self.steps[index].spec
                 if why == "deadline":
                     kind: ErrorKind = "timeout"
                     message = (
@@ -580,22 +599,21 @@ class _Dispatch:
                     limit=call_timeout if kind == "timeout" else None,
                     printed=printed,
                 )
-                self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
-                self._emit_finished(index, False, duration)
+                self._record(
+                    index, StepOutcome.failed(spec.task_id, spec.agent, message, error), duration
+                )
             if work.busy:
                 self._replace_lane(work)
         before = "the call's time limit ran out" if why == "deadline" else "the call was cancelled"
-        for index, outcome in enumerate(self.outcomes):
-            if outcome is None:
-                spec = self.specs[index]
-                message = f"{_describe(spec)} did not run: {before} before it started."
-                error = StepError(
-                    kind="cancelled",
-                    message=message,
-                    attempts=self.attempts[index],
-                    limit=call_timeout if why == "deadline" else None,
-                )
-                self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
+        for index in sorted(self.steps):
+            spec = self.steps[index].spec
+            message = f"{_describe(spec)} did not run: {before} before it started."
+            error = StepError(
+                kind="cancelled",
+                message=message,
+                limit=call_timeout if why == "deadline" else None,
+            )
+            self._record(index, StepOutcome.failed(spec.task_id, spec.agent, message, error))
         self.todo.clear()
         self.delayed.clear()
 
@@ -606,8 +624,7 @@ class _Dispatch:
         error = outcome.error
         if error is not None and self._retry(index, error):
             return
-        self._record(index, outcome)
-        self._emit_finished(index, outcome.success, duration)
+        self._record(index, outcome, duration)
 
     def _fail(
         self,
@@ -617,18 +634,18 @@ class _Dispatch:
         error: StepError | None,
         duration: float = 0.0,
     ) -> None:
-        spec = self.specs[index]
+        spec = self.steps[index].spec
         if error is None:
             error = StepError(kind=kind, message=message)
         self._settle(index, StepOutcome.failed(spec.task_id, spec.agent, message, error), duration)
 
     def _retry(self, index: int, error: StepError) -> bool:
         policy = self.options.retry
-        attempt = self.attempts[index]
+        attempt = self.steps[index].attempts
         if policy is None or error.kind not in policy.on or attempt >= policy.attempts:
             return False
         if self.emit is not None:
-            spec = self.specs[index]
+            spec = self.steps[index].spec
             self.emit(StepRerun(index, spec.task_id, attempt + 1, error.message))
         delay = policy.delay_before(attempt + 1)
         if delay > 0:
@@ -637,27 +654,31 @@ class _Dispatch:
             self.todo.append(index)
         return True
 
-    def _record(self, index: int, outcome: StepOutcome) -> None:
-        attempt = self.attempts[index]
-        if outcome.error is not None and outcome.error.attempts != attempt:
-            error = msgspec.structs.replace(outcome.error, attempts=attempt)
+    def _record(self, index: int, outcome: StepOutcome, duration: float | None = None) -> None:
+        """The step's final outcome: keep it, announce it, and forget the step.
+
+        With ``duration``, a step that started gets its ``StepFinished``.
+        """
+        step = self.steps.pop(index)
+        if outcome.error is not None and outcome.error.attempts != step.attempts:
+            error = msgspec.structs.replace(outcome.error, attempts=step.attempts)
             outcome = msgspec.structs.replace(outcome, error=error)
-        self.outcomes[index] = outcome
+        if self.outcomes is not None:
+            self.outcomes[index] = outcome
         self.remaining -= 1
+        if self.emit is not None and duration is not None and step.attempts:
+            self.emit(
+                StepFinished(index, step.spec.task_id, step.attempts, outcome.success, duration)
+            )
         if self.on_outcome is not None:
             self.on_outcome(index, outcome)
-
-    def _emit_finished(self, index: int, success: bool, duration: float) -> None:
-        if self.emit is not None and self.attempts[index]:
-            spec = self.specs[index]
-            self.emit(StepFinished(index, spec.task_id, self.attempts[index], success, duration))
 
     def _internal_message(self, index: int, exc: BaseException | None = None) -> str:
         detail = "its worker finished without reporting an outcome"
         if exc is not None:
             detail = f"{type(exc).__name__}: {exc}"
         return (
-            f"{_describe(self.specs[index])} was lost by procorch: {detail}. "
+            f"{_describe(self.steps[index].spec)} was lost by procorch: {detail}. "
             "This is a bug in procorch; please report it."
         )
 

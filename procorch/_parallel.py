@@ -66,4 +66,5 @@ def execute_steps_parallel(
     for spec, data in zip(checked, wire, strict=True):
         dispatch.add(spec, data)
     dispatch.run(min(call.limit, len(checked)))
-    return [outcome for outcome in dispatch.outcomes if outcome is not None]
+    assert dispatch.outcomes is not None
+    return [dispatch.outcomes[index] for index in range(len(checked))]

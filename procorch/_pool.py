@@ -19,6 +19,7 @@ at interpreter exit or on :func:`shutdown`.
 from __future__ import annotations
 
 import atexit
+import glob
 import itertools
 import os
 import shutil
@@ -30,6 +31,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import loky
+import psutil
 
 from . import _worker
 from ._context import stop_server, worker_context
@@ -154,7 +156,8 @@ class _Engine:
     def new_lane(self) -> _Lane:
         with self._lock:
             if self._scratch is None:
-                self._scratch = tempfile.mkdtemp(prefix="procorch-")
+                _sweep_stale_scratch()
+                self._scratch = tempfile.mkdtemp(prefix=f"procorch-{os.getpid()}-")
             path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
         return _Lane(path)
 
@@ -177,6 +180,27 @@ class _Engine:
         stop_server()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sweep_stale_scratch() -> None:
+    """Remove the capture directories of procorch processes that died without cleaning up.
+
+    A SIGKILLed caller cannot remove its directory; the next one does. The
+    owner's pid is in the name, and a directory is stale when that process is
+    gone (or is another process by now, started after the directory was made).
+    """
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "procorch-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[1])
+            made = os.stat(path).st_mtime
+        except (ValueError, OSError):
+            continue
+        try:
+            alive = psutil.Process(pid).create_time() <= made + 1
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 _engine = _Engine()

@@ -72,7 +72,7 @@ def _run(
         if outcome.success:
             journal.record(specs[where], outcome)
 
-    dispatch = call.dispatch(on_outcome=record)
+    dispatch = call.dispatch(on_outcome=record, keep_outcomes=False)
     for where, (spec, data) in enumerate(zip(specs, wire, strict=True)):
         stored = done.get(spec.task_id)
         if stored is not None and stored[0] == spec_digest(spec):

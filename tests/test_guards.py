@@ -318,9 +318,14 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
     state = tmp_path / "state"
     state.mkdir()
     script.write_text(_INTERRUPTED_SCRIPT.format(tests=str(TESTS), state=str(state)))
-    scratch_before = _scratch_dirs()
+    scratch = tmp_path / "scratch"  # the parent's own TMPDIR, so others' files do not count
+    scratch.mkdir()
     parent = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     executor = GuardExecutor(str(state))
     deadline = time.monotonic() + 60
@@ -329,13 +334,13 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
     assert len(executor.pids("grandchild")) == 2
     tree = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
     tree |= executor.pids("grandchild")
-    assert _scratch_dirs() - scratch_before  # the parent's lanes made their directory
+    assert list(scratch.glob("procorch-*"))  # the parent's lanes made their directory
     parent.send_signal(signum)
     stdout, stderr = parent.communicate(timeout=60)
     assert "KeyboardInterrupt reached the caller" in stdout, stderr
     assert parent.returncode != 0
     assert _gone(tree, within=5.0)
-    assert not _scratch_dirs() - scratch_before  # and removed it on the way out
+    assert not list(scratch.glob("procorch-*"))  # and removed it on the way out
 
 
 def _scratch_dirs() -> set[Path]:
@@ -401,3 +406,28 @@ def test_events_of_a_timed_out_step_end_with_finished(tmp_path: Path) -> None:
     assert [type(e).__name__ for e in seen] == ["StepStarted", "StepFinished"]
     assert isinstance(seen[-1], StepFinished) and not seen[-1].success
     assert not any(isinstance(e, StepProgress) for e in seen)
+
+
+def test_directories_of_killed_callers_are_swept(tmp_path: Path) -> None:
+    """A caller killed by SIGKILL leaves its capture directory; the next caller removes it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"procorch-{dead.pid}-abcd1234"
+    stale.mkdir()
+    (stale / "lane-1.out").write_text("left behind")
+    script = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+        "from helpers import GuardExecutor, spec\n"
+        "import procorch\n"
+        f"procorch.execute_steps_parallel(GuardExecutor({str(tmp_path)!r}), [spec('a')])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert not list(tmp_path.glob("procorch-*"))  # its own is gone too, at exit
