@@ -25,6 +25,7 @@ from ._parallel import execute_steps_parallel
 from ._pool import shutdown
 from ._resumable import execute_steps_parallel_resumable
 from ._schema import output_schema_for
+from ._stream import stream_steps_parallel
 
 __all__ = [
     "DEFAULT_MAX_PARALLEL_TASKS",
@@ -60,6 +61,7 @@ __all__ = [
     "execute_steps_parallel_resumable",
     "output_schema_for",
     "shutdown",
+    "stream_steps_parallel",
 ]
 
 __version__ = "0.1.0"

@@ -371,3 +371,22 @@ class AsyncExecutor(AgentExecutor):
         if spec.agent == "hang":
             await asyncio.sleep(3600)
         return ok_outcome(spec, structured={"loop": type(asyncio.get_running_loop()).__name__})
+
+
+class QuickExecutor(AgentExecutor):
+    """Succeeds at once, unless its agent is 'hang' (sleeps) or 'segfault'."""
+
+    def __init__(self, hint: int = 2) -> None:
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        if spec.agent == "hang":
+            time.sleep(3600)
+        if spec.agent == "segfault":
+            ctypes.string_at(0)
+        if spec.agent == "slow":
+            time.sleep(0.2)
+        return StepOutcome(spec.task_id, "s", spec.agent, "", True)

@@ -1,0 +1,112 @@
+"""Streaming: outcomes as they complete, bounded memory, early break."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from helpers import QuickExecutor, spec
+
+from procorch import AgentStepSpec, InvalidSpecError, StepStarted, stream_steps_parallel
+
+pytestmark = pytest.mark.usefixtures("no_leaked_processes")
+
+
+def test_as_completed_yields_every_index_once() -> None:
+    """Every spec comes back once, labelled with its input index."""
+    specs = [spec(str(i), "slow" if i == 0 else "ok") for i in range(20)]
+    seen = list(stream_steps_parallel(QuickExecutor(), specs))
+    assert sorted(index for index, _ in seen) == list(range(20))
+    assert all(outcome.task_id == str(index) for index, outcome in seen)
+    assert seen[0][0] != 0  # the slow first step was overtaken
+
+
+def test_ordered_yields_in_input_order() -> None:
+    """ordered=True yields in input order even when completion order differs."""
+    specs = [spec(str(i), "slow" if i == 0 else "ok") for i in range(20)]
+    seen = list(stream_steps_parallel(QuickExecutor(), specs, ordered=True))
+    assert [index for index, _ in seen] == list(range(20))
+
+
+def test_a_crash_in_a_stream_is_isolated() -> None:
+    """A segfaulting step yields its labelled crash; the stream goes on."""
+    specs = [spec("a"), spec("x", "segfault"), spec("b")]
+    seen = dict(stream_steps_parallel(QuickExecutor(), specs))
+    assert seen[1].error is not None and seen[1].error.kind == "crash"
+    assert seen[0].success and seen[2].success
+
+
+def test_input_is_read_lazily_within_the_window() -> None:
+    """The stream never holds more than max_in_flight specs it has not yielded."""
+    pulled = 0
+
+    def source() -> Iterator[AgentStepSpec]:
+        nonlocal pulled
+        for i in range(100):
+            pulled += 1
+            yield spec(str(i))
+
+    yielded = 0
+    for _ in stream_steps_parallel(QuickExecutor(), source(), max_in_flight=5):
+        yielded += 1
+        assert pulled - yielded <= 5
+    assert yielded == 100
+
+
+def test_two_hundred_thousand_specs_in_constant_memory() -> None:
+    """A generator of 200,000 specs runs with bounded parent memory."""
+    me = psutil.Process()
+    total = 200_000
+    count = 0
+    baseline = None
+    for _ in stream_steps_parallel(
+        QuickExecutor(), (AgentStepSpec(str(i), "ok", "", "") for i in range(total))
+    ):
+        count += 1
+        if count == 20_000:
+            baseline = me.memory_info().rss
+    assert count == total
+    assert baseline is not None
+    # A stream that kept its steps would hold 180,000 more specs and outcomes.
+    assert me.memory_info().rss - baseline < 30 * 2**20
+
+
+def test_breaking_out_stops_the_work_left() -> None:
+    """Leaving the loop kills the workers of running steps; the rest never start."""
+    pids = []
+    specs = [spec("a")] + [spec(f"h{i}", "hang") for i in range(6)]
+
+    def remember(event: object) -> None:
+        if isinstance(event, StepStarted) and event.task_id.startswith("h"):
+            pids.append(event.pid)
+
+    start = time.monotonic()
+    for _ in stream_steps_parallel(QuickExecutor(), specs, events=remember):
+        break
+    assert time.monotonic() - start < 30
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a step's worker outlived the stream"
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_bad_spec_in_the_stream_is_named() -> None:
+    """A bad item in the input raises InvalidSpecError with its index when reached."""
+    with pytest.raises(InvalidSpecError, match=r"specs\[2\]: expected an AgentStepSpec"):
+        for _ in stream_steps_parallel(QuickExecutor(), [spec("a"), spec("b"), "oops"]):
+            pass
+
+
+def test_max_in_flight_must_be_positive() -> None:
+    """A window below 1 is refused."""
+    with pytest.raises(ValueError, match=r"max_in_flight must be an int >= 1 \(got 0\)"):
+        stream_steps_parallel(QuickExecutor(), [spec("a")], max_in_flight=0)
