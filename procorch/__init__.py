@@ -18,6 +18,7 @@ from ._events import (
     StepStarted,
 )
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
+from ._futures import ProcessPool, StepFailedError
 from ._guards import CancelToken, RetryPolicy
 from ._journal import JournalStore, SqliteStore, WorkflowJournal
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
@@ -40,11 +41,13 @@ __all__ = [
     "InvalidSpecError",
     "JournalSchemaError",
     "JournalStore",
+    "ProcessPool",
     "RetryPolicy",
     "SqliteStore",
     "Stage",
     "StepCrashed",
     "StepError",
+    "StepFailedError",
     "StepFinished",
     "StepOutcome",
     "StepProgress",

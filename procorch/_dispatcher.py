@@ -320,6 +320,10 @@ class _Dispatch:
         if self._wake_reader in ready:
             os.read(self._wake_reader, 4096)
 
+    def wake(self) -> None:
+        """Interrupt the current wait (from any thread), e.g. because steps were added."""
+        self._wake_up()
+
     def _wake_up(self, *_: object) -> None:
         # Runs in loky's manager thread or a canceller's, maybe after the call.
         with self._wake_lock:

@@ -390,3 +390,31 @@ class QuickExecutor(AgentExecutor):
         if spec.agent == "slow":
             time.sleep(0.2)
         return StepOutcome(spec.task_id, "s", spec.agent, "", True)
+
+
+def square(x: int) -> int:
+    """A plain function for the ProcessPool tests."""
+    return x * x
+
+
+def crash_on(x: int, bad: int) -> int:
+    """Segfaults when ``x == bad``, else returns x."""
+    if x == bad:
+        ctypes.string_at(0)
+    return x
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def sleep_then(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x
+
+
+def interval(seconds: float) -> tuple[float, float]:
+    """Sleeps; returns when it started and ended (monotonic clock, shared by processes)."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    return start, time.monotonic()
