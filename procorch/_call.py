@@ -95,7 +95,7 @@ def check_spec(index: int, spec: Any) -> bytes:
     try:
         data = _encode(spec)
         _decode_spec(data)
-    except TypeError as exc:
+    except (TypeError, OverflowError) as exc:
         raise InvalidSpecError(index, f"cannot be encoded: {exc}") from None
     except msgspec.ValidationError as exc:
         raise InvalidSpecError(index, str(exc)) from None

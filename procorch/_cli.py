@@ -28,7 +28,9 @@ import collections
 import contextlib
 import importlib
 import os
+import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -39,13 +41,15 @@ from typing import IO, Any, NamedTuple
 
 import msgspec
 
-from ._errors import ExecutorError, InvalidSpecError
+from ._call import Guards
+from ._errors import ExecutorError, InvalidSpecError, WorkflowLockedError
 from ._events import Event, EventSink, StepCrashed, StepFinished, StepRerun, StepStarted
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._guards import RetryableKind, RetryPolicy
 from ._model import AgentStepSpec, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
+from ._resumable import execute_steps_parallel_resumable
 
 __all__ = ["main"]
 
@@ -56,11 +60,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 _RETRYABLE: tuple[RetryableKind, ...] = ("exception", "crash", "timeout", "memory")
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _LIVE_INTERVAL = 0.1  # seconds between redraws of the terminal line
 _SLOWEST_SHOWN = 3
 _FAILURES_SHOWN = 5
 _CAUSE_WIDTH = 200  # characters of a failure's message shown in the summary
+
+_MISSING = object()
 
 _encode_json = msgspec.json.Encoder().encode
 _encode_json_lines = msgspec.json.Encoder().encode_lines
@@ -98,15 +105,21 @@ class _ConcurrencyOverride(AgentExecutor):
 # -- option values ----------------------------------------------------------------
 
 
+def _number(text: str) -> float:
+    """``text`` as a float; NaN, which fails every range check, if it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def _parse_size(text: str) -> int:
     """Bytes from ``512M``, ``2G``, ``1.5GiB`` or ``1048576`` (units are powers of 1024)."""
-    value = text.strip().lower().removesuffix("b").removesuffix("i")
-    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
-    try:
-        size = float(value[: len(value) - len(unit)]) * _SIZE_UNITS[unit]
-    except ValueError:
-        size = -1.0
-    if not size >= 1 or size == float("inf"):
+    match = _SIZE.fullmatch(text.strip())
+    size = 0.0
+    if match is not None:
+        size = float(match["number"]) * _SIZE_UNITS[(match["unit"] or "").lower()]
+    if size < 1:
         raise argparse.ArgumentTypeError(
             f"must be a size like 512M, 2G or a number of bytes (got {text!r})"
         )
@@ -115,12 +128,17 @@ def _parse_size(text: str) -> int:
 
 def _seconds(text: str) -> float:
     """A number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (got {text!r})")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    """A number of seconds >= 0."""
+    value = _number(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (got {text!r})")
     return value
 
 
@@ -158,7 +176,7 @@ exit status:
   0    every step succeeded
   1    some step failed (or the outcomes could not be written)
   2    bad usage or bad input; no step was started
-  130  interrupted (Ctrl-C); the running steps were stopped"""
+  130  interrupted (Ctrl-C); the running steps were stopped (143 for SIGTERM)"""
 
 _RUN_DESCRIPTION = """\
 Run every spec of SPECS with EXECUTOR in worker processes and write one outcome
@@ -178,9 +196,9 @@ before any step starts, naming the line and the field at fault."""
 _RUN_EPILOG = f"""\
 A progress line shows on standard error: redrawn in place on a terminal, a
 plain line every --progress-interval seconds otherwise. The summary at the end
-counts the failures by kind (exception, crash, timeout, memory, cancelled,
-invalid_result, serialization, internal; unsuccessful when the executor itself
-returned success false), and names the slowest steps and the first failures.
+counts the failures by kind (an outcome's error.kind: exception, crash,
+timeout, memory...; unsuccessful when the executor itself returned success
+false), and names the slowest steps and the first failures.
 When outcomes or events go to standard output, whatever the steps print goes
 to standard error instead, so standard output carries only JSON.
 
@@ -204,7 +222,9 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"procorch {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
     run = commands.add_parser(
         "run",
         help="run a batch of specs from a JSON Lines file",
@@ -213,12 +233,14 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_run_arguments(run)
+    run.set_defaults(command_parser=run)  # usage errors found later print run's usage
     commands.add_parser(
         "demo",
         help="run the bundled demo batch: success, failure, crash and timeout side by side",
-        description="Run a small batch (procorch/demo.py) whose steps succeed, raise, "
-        "segfault, call os._exit and hang past a 1 s limit, printing their events and "
-        "outcomes. It takes a few seconds.",
+        description="Run a small batch (procorch/demo.py) in worker processes: steps "
+        "that succeed, raise, segfault and call os._exit, and one that hangs until its "
+        "1 s time limit kills it. Prints their events, then their outcomes in input "
+        "order. Takes a second or two.",
     )
     return parser
 
@@ -290,7 +312,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     guards.add_argument(
         "--retry-backoff",
         metavar="SECONDS",
-        type=float,
+        type=_seconds_or_zero,
         help="wait this long before the first retry, doubling each time (default: 0)",
     )
     guards.add_argument(
@@ -298,8 +320,21 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep what each step prints; a failed outcome's error.printed holds the last 4 KiB",
     )
-    # A resumable run (a workflow id and a journal path) will add its own
-    # argument group here, and branch off in _execute(); not implemented yet.
+    resume = run.add_argument_group(
+        "resumable runs",
+        "journal each finished step, so that running the same command again after an "
+        "interruption (Ctrl-C, a crash, SIGKILL) runs only the steps left",
+    )
+    resume.add_argument(
+        "--workflow-id",
+        metavar="ID",
+        help="the name this run's progress is journaled under (needs --journal)",
+    )
+    resume.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="the SQLite file holding the journal (created if absent; needs --workflow-id)",
+    )
     display = run.add_argument_group("display")
     display.add_argument(
         "-q",
@@ -317,15 +352,20 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _check_combinations(args: argparse.Namespace) -> None:
     """Reject options that make no sense together (argparse exits with status 2)."""
+    parser: argparse.ArgumentParser = args.command_parser
+    if (args.workflow_id is None) != (args.journal is None):
+        parser.error("--workflow-id and --journal go together")
     if args.attempts == 1 and (args.retry_on is not None or args.retry_backoff is not None):
         parser.error("--retry-on and --retry-backoff need --attempts 2 or more")
-    if args.retry_backoff is not None and not args.retry_backoff >= 0:
-        parser.error(f"--retry-backoff must be a number of seconds >= 0 (got {args.retry_backoff})")
     if args.output == "-" and args.events == "-":
         parser.error("--output and --events cannot both be standard output")
-    if args.events not in (None, "-") and args.output != "-" and _same_file(args.output, args.events):
+    if (
+        args.events not in (None, "-")
+        and args.output != "-"
+        and _same_file(args.output, args.events)
+    ):
         parser.error(f"--output and --events name the same file ({args.output!r})")
 
 
@@ -351,7 +391,7 @@ def _brief(exc: BaseException) -> str:
     """An exception in one line, with the place in user code it came from."""
     text = f"{type(exc).__name__}: {exc}"
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [frame for frame in frames if "importlib" not in frame.filename]
+    user = [f for f in frames if f.filename != __file__ and "importlib" not in f.filename]
     if user and not isinstance(exc, SyntaxError):  # a SyntaxError names its place itself
         text += f" (at {user[-1].filename}:{user[-1].lineno})"
     return text
@@ -367,14 +407,15 @@ def _load_executor(path: str) -> Any:
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:
-        raise _BadInput(f"executor {path!r}: cannot import {module_name!r}: {_brief(exc)}") from None
+        raise _BadInput(
+            f"executor {path!r}: cannot import {module_name!r}: {_brief(exc)}"
+        ) from None
     for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise _BadInput(
-                f"executor {path!r}: {getattr(target, '__name__', module_name)!r} "
-                f"has no attribute {part!r}"
-            )
-        target = getattr(target, part)
+        found = getattr(target, part, _MISSING)
+        if found is _MISSING:
+            owner = getattr(target, "__name__", module_name)
+            raise _BadInput(f"executor {path!r}: {owner!r} has no attribute {part!r}")
+        target = found
     executor = _instantiate(target, path)
     if not callable(getattr(executor, "execute_step", None)):
         raise _BadInput(
@@ -393,7 +434,8 @@ def _instantiate(target: Any, path: str) -> Any:
     try:
         return target()
     except Exception as exc:
-        raise _BadInput(f"executor {path!r}: calling it raised {_brief(exc)}") from None
+        name = getattr(target, "__name__", type(target).__name__)
+        raise _BadInput(f"executor {path!r}: {name}() raised {_brief(exc)}") from None
 
 
 def _concurrency(executor: Any, path: str) -> int:
@@ -406,9 +448,7 @@ def _concurrency(executor: Any, path: str) -> int:
     except Exception as exc:
         raise _BadInput(f"executor {path!r}: concurrency_hint() raised {_brief(exc)}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _BadInput(
-            f"executor {path!r}: concurrency_hint() must return an int (got {value!r})"
-        )
+        raise _BadInput(f"executor {path!r}: concurrency_hint() must return an int (got {value!r})")
     return max(1, value)
 
 
@@ -450,10 +490,15 @@ class _Specs(NamedTuple):
     skipped: int
 
 
+def _source_name(source: str) -> str:
+    """How messages name the specs: the path as given, or ``<stdin>``."""
+    return "<stdin>" if source == "-" else source
+
+
 def _read_specs(source: str, skip_bad_lines: bool) -> _Specs:
     """Every spec of ``source``, in order; a bad line raises, or is skipped with a warning."""
-    name = "<stdin>" if source == "-" else source
-    found = _Specs([], [], 0)
+    specs: list[AgentStepSpec] = []
+    lines: list[int] = []
     first_line: dict[str, int] = {}
     skipped = 0
     for number, line in _numbered_lines(_read_source(source)):
@@ -461,15 +506,16 @@ def _read_specs(source: str, skip_bad_lines: bool) -> _Specs:
         if spec is not None:
             earlier = first_line.setdefault(spec.task_id, number)
             if earlier == number:
-                found.specs.append(spec)
-                found.lines.append(number)
+                specs.append(spec)
+                lines.append(number)
                 continue
             problem = f"task_id {spec.task_id!r} is already used on line {earlier}"
+        where = f"{_source_name(source)}:{number}"
         if not skip_bad_lines:
-            raise _BadInput(f"{name}:{number}: {problem}")
-        _say(f"procorch: skipping {name}:{number}: {problem}")
+            raise _BadInput(f"{where}: {problem}")
+        _say(f"procorch: skipping {where}: {problem}")
         skipped += 1
-    return found._replace(skipped=skipped)
+    return _Specs(specs, lines, skipped)
 
 
 # -- output --------------------------------------------------------------------------
@@ -493,9 +539,9 @@ def _claim_stdout() -> IO[bytes]:
     sys.stdout.flush()
     try:
         private = os.dup(1)
+        os.dup2(2, 1)
     except OSError as exc:
         raise _BadInput(f"standard output is not usable: {exc.strerror or exc}") from None
-    os.dup2(2, 1)
     return os.fdopen(private, "wb")
 
 
@@ -608,8 +654,15 @@ class _Tally:
             )
 
 
+def _count(number: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _duration(seconds: float) -> str:
-    """``0.31 s``, ``12.5 s``, ``4 min 05 s``, ``2 h 03 min``."""
+    """``12 ms``, ``3.14 s``, ``12.5 s``, ``4 min 05 s``, ``2 h 03 min``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
     if seconds < 10:
         return f"{seconds:.2f} s"
     if seconds < 60:
@@ -635,27 +688,45 @@ def _progress_text(counts: _Counts) -> str:
     return text
 
 
-def _bar(counts: _Counts, width: int = 20) -> str:
+def _live_text(counts: _Counts, width: int = 20) -> str:
+    """``[########------------] 4/10  ok 3  failed 1  crashed 0  running 2  2.1/s  ~3.0 s left``."""
     filled = width * counts.finished // max(counts.total, 1)
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
+    text = (
+        f"[{'#' * filled}{'-' * (width - filled)}] {counts.finished}/{counts.total}  "
+        f"ok {counts.succeeded}  failed {counts.failed}  crashed {counts.crashed}  "
+        f"running {counts.running}"
+    )
+    rate = counts.rate
+    if rate is not None:
+        text += f"  {rate:.1f}/s" if rate >= 1 else f"  {rate * 60:.1f}/min"
+    left = counts.left
+    if left is not None and counts.finished < counts.total:
+        text += f"  ~{_duration(left)} left"
+    return text
 
 
 class _Display:
     """The tally on standard error while the steps run, drawn from a thread of its own.
 
-    On a terminal, one line redrawn in place ten times a second; anywhere else
-    (a file, a pipe, a CI log), a plain line every ``interval`` seconds.
+    It starts with the first event, so a run that fails its checks shows no
+    progress. Then, on a terminal, one line redrawn in place ten times a
+    second; anywhere else (a file, a pipe, a CI log), a ``header`` line and a
+    plain line every ``interval`` seconds.
     """
 
-    def __init__(self, tally: _Tally, stream: IO[str], interval: float) -> None:
+    def __init__(self, tally: _Tally, stream: IO[str], interval: float, header: str) -> None:
         self._tally = tally
         self._stream = stream
+        self._header = header
         self._live = _is_terminal(stream)
         self._interval = _LIVE_INTERVAL if self._live else interval
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self.started = False
 
     def start(self) -> None:
+        self.started = True
+        self._write(self._header + "\n")
         self._thread = threading.Thread(target=self._loop, name="procorch-display", daemon=True)
         self._thread.start()
 
@@ -678,8 +749,7 @@ class _Display:
     def _draw(self) -> None:
         counts = self._tally.counts()
         if self._live:
-            line = f"{_bar(counts)} {_progress_text(counts)}"
-            self._write("\r\x1b[2K" + line[: _columns(self._stream) - 1])
+            self._write("\r\x1b[2K" + _live_text(counts)[: _columns(self._stream) - 1])
         else:
             self._write(f"procorch: [{_duration(counts.elapsed)}] {_progress_text(counts)}\n")
 
@@ -700,9 +770,10 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 def _columns(stream: IO[str]) -> int:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (OSError, ValueError):
-        return 80
+        columns = 0
+    return columns if columns > 0 else 80  # a pseudo-terminal may report 0
 
 
 # -- the summary ---------------------------------------------------------------------
@@ -725,11 +796,11 @@ def _summary(outcomes: Sequence[StepOutcome], tally: _Tally, skipped: int) -> li
     failed = [outcome for outcome in outcomes if not outcome.success]
     elapsed = _duration(time.monotonic() - tally.started)
     lines = [
-        f"procorch: {len(outcomes)} steps in {elapsed}: "
+        f"procorch: {_count(len(outcomes), 'step')} in {elapsed}: "
         f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"
     ]
     if skipped:
-        lines.append(f"  skipped {skipped} bad lines of the specs")
+        lines.append(f"  skipped {_count(skipped, 'bad line')} of the specs")
     if failed:
         kinds = collections.Counter(_failure_kind(outcome) for outcome in failed)
         lines.append(
@@ -783,14 +854,19 @@ def _stop_workers() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _interrupted(tally: _Tally, exc: KeyboardInterrupt) -> int:
-    """Say what an interruption left behind, in one line; the exit status."""
+def _interrupted(tally: _Tally, exc: KeyboardInterrupt, args: argparse.Namespace) -> int:
+    """Say what an interruption left behind, and how to resume; the exit status."""
     counts = tally.counts()
     what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
     _say(
         f"procorch: {what}: {counts.finished} of {counts.total} steps had finished and "
         f"{counts.running} running were stopped; no outcomes were written"
     )
+    if args.workflow_id is not None:
+        _say(
+            f"procorch: the finished steps are journaled in {args.journal!r}; run the same "
+            "command again to resume where it stopped"
+        )
     return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
@@ -801,21 +877,27 @@ def _execute(
     args: argparse.Namespace,
 ) -> list[StepOutcome]:
     """execute_steps_parallel with the options' guards; its input errors become _BadInput."""
-    # A resumable run (a workflow id and a journal path, with options of their
-    # own in _add_run_arguments) will branch off here to its own entry point.
+    guards = Guards(
+        step_timeout=args.step_timeout,
+        call_timeout=args.call_timeout,
+        memory_limit=args.memory_limit,
+        retry=_retry_policy(args),
+        capture_output=args.capture_output,
+    )
     try:
-        return execute_steps_parallel(
-            executor,
-            specs.specs,
-            on_event,
-            step_timeout=args.step_timeout,
-            call_timeout=args.call_timeout,
-            memory_limit=args.memory_limit,
-            retry=_retry_policy(args),
-            capture_output=args.capture_output,
-        )
+        if args.workflow_id is not None:
+            return execute_steps_parallel_resumable(
+                executor, specs.specs, args.workflow_id, args.journal, on_event, **guards
+            )
+        return execute_steps_parallel(executor, specs.specs, on_event, **guards)
+    except WorkflowLockedError as exc:
+        raise _BadInput(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise _BadInput(f"journal {args.journal!r}: {exc}") from None
     except InvalidSpecError as exc:
-        raise _BadInput(f"{_source_name(args.specs)}:{specs.lines[exc.index]}: {exc.reason}") from None
+        raise _BadInput(
+            f"{_source_name(args.specs)}:{specs.lines[exc.index]}: {exc.reason}"
+        ) from None
     except ExecutorError as exc:
         raise _BadInput(f"executor {args.executor!r}: {exc}") from None
 
@@ -826,18 +908,22 @@ def _watched(
     args: argparse.Namespace,
     tally: _Tally,
     log: _EventLog | None,
+    concurrency: int,
 ) -> list[StepOutcome]:
-    """Run the steps with the display going and every event tallied (and logged)."""
+    """Run the steps with every event tallied (and logged) and, unless quiet, displayed."""
+    display = None
+    if not args.quiet:
+        count = len(specs.specs)
+        header = f"procorch: running {_count(count, 'step')}, {min(concurrency, count)} at a time"
+        display = _Display(tally, sys.stderr, args.progress_interval, header)
 
     def on_event(event: Event) -> None:
         tally.record(event)
         if log is not None:
             log.write(event)
+        if display is not None and not display.started:
+            display.start()
 
-    display = None
-    if not args.quiet and specs.specs:
-        display = _Display(tally, sys.stderr, args.progress_interval)
-        display.start()
     try:
         with _sigterm_unwinds():
             return _execute(executor, specs, on_event, args)
@@ -871,14 +957,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.events is not None:
             sink = files.enter_context(_open_sink(args.events, "events", stdout))
             log = _EventLog(sink, args.events)
-        count = len(specs.specs)
-        if not args.quiet and count:
-            _say(f"procorch: running {count} steps, {min(concurrency, count)} at a time")
-        tally = _Tally(count)
+        tally = _Tally(len(specs.specs))
         try:
-            outcomes = _watched(executor, specs, args, tally, log)
+            outcomes = _watched(executor, specs, args, tally, log, concurrency)
         except KeyboardInterrupt as exc:
-            return _interrupted(tally, exc)
+            return _interrupted(tally, exc, args)
         finally:
             _stop_workers()
         if log is not None and log.problem is not None:
@@ -906,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo()
-        _check_combinations(args, parser)
+        _check_combinations(args)
         cwd = os.getcwd()
         if cwd not in sys.path:  # as python -m does: executors next to the specs import
             sys.path.insert(0, cwd)

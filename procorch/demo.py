@@ -1,6 +1,8 @@
-"""A demo batch: ordinary, failing and crashing steps, their events and outcomes.
+"""A demo batch: ordinary, failing, crashing and hanging steps, their events and outcomes.
 
-Run it with ``python -m procorch.demo``.
+Run it with ``procorch demo`` or ``python -m procorch.demo``. Every step but
+one takes a twentieth of a second; the hanging one is stopped by its 1 s time
+limit, so the batch finishes in about a second and a half.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from procorch import (
     execute_steps_parallel,
 )
 
+STEP_TIMEOUT = 1.0  # seconds: the hanging step is killed after this long
+CONCURRENCY = 3
+
 
 class DemoExecutor(AgentExecutor):
     """Counts the words of each prompt, unless the agent says to misbehave."""
 
     def concurrency_hint(self) -> int:
-        return 2
+        return CONCURRENCY
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
         events.emit(f"reading {len(spec.prompt)} characters")
@@ -35,6 +40,8 @@ class DemoExecutor(AgentExecutor):
             ctypes.string_at(0)  # reads address 0: SIGSEGV in native code
         if spec.agent == "quitter":
             os._exit(7)
+        if spec.agent == "sleeper":
+            time.sleep(3600)  # hangs until its time limit kills the worker
         words = len(spec.prompt.split())
         events.emit({"words": words})
         return StepOutcome(
@@ -57,18 +64,25 @@ def main() -> None:
     specs = [
         AgentStepSpec("summary", "counter", "count words", "the quick brown fox"),
         AgentStepSpec("strict", "raiser", "refuses", "a forbidden word"),
+        AgentStepSpec("stuck", "sleeper", "hangs", "wait for me"),
         AgentStepSpec("native", "segfaulter", "crashes in C", "boom"),
         AgentStepSpec("exits", "quitter", "calls os._exit(7)", "bye"),
         AgentStepSpec("review", "counter", "count words", "jumps over the lazy dog again"),
     ]
-    print(f"running {len(specs)} steps, 2 at a time, in worker processes\n")
+    print(
+        f"running {len(specs)} steps, {CONCURRENCY} at a time, in worker processes, "
+        f"each with a {STEP_TIMEOUT:g} s time limit\n"
+    )
     start = time.perf_counter()
-    outcomes = execute_steps_parallel(DemoExecutor(), specs, events=_show)
+    outcomes = execute_steps_parallel(
+        DemoExecutor(), specs, events=_show, step_timeout=STEP_TIMEOUT
+    )
     elapsed = time.perf_counter() - start
     print(f"\n{len(outcomes)} outcomes in input order ({elapsed:.2f} s):")
     for outcome in outcomes:
         mark = "ok  " if outcome.success else "FAIL"
-        print(f"  {mark} {outcome.task_id:<8} {outcome.output}")
+        kind = "" if outcome.error is None else outcome.error.kind
+        print(f"  {mark} {outcome.task_id:<8} {kind:<9} {outcome.output}")
         if outcome.error is not None and outcome.error.traceback and outcome.error.kind == "crash":
             frames = [line.strip() for line in outcome.error.traceback.splitlines()]
             shown = [line for line in frames if line.startswith("File")][:2]

@@ -65,3 +65,36 @@ def test_readme_orchestration_example_runs(tmp_path: Path) -> None:
     lines = _run_readme_block(2, tmp_path)
     block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
     assert lines == _promised_output(block)
+
+
+def test_readme_interfaces_example_runs(tmp_path: Path) -> None:
+    """The asyncio, streaming and ProcessPool example prints what its comments promise."""
+    lines = _run_readme_block(3, tmp_path)
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[3]
+    assert lines == _promised_output(block)
+
+
+def test_readme_command_line_example_runs(tmp_path: Path) -> None:
+    """The shell example runs as shown: exit 1, and the summary it shows, pids aside."""
+    block = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)[2]
+    shown = re.findall(r"```text\n(.*?)```", README.read_text(), flags=re.S)[0]
+    script = block.replace(".venv/bin/procorch", f"{sys.executable} -m procorch")
+    result = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1, result.stderr
+
+    def stable(text: str) -> list[str]:
+        """The summary without what changes from run to run (pids, timings)."""
+        lines = []
+        for line in text.splitlines():
+            if line.lstrip().startswith(("slowest:", "procorch: 4 steps in")):
+                continue
+            lines.append(re.sub(r"pid \d+", "pid N", line))
+        return lines
+
+    assert stable(result.stderr) == stable(shown)
+    first = (tmp_path / "outcomes.jsonl").read_text().splitlines()[0]
+    assert (
+        first == '{"task_id":"a","session_id":"s-a","agent":"counter","output":"3","success":true}'
+    )
