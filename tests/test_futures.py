@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import faulthandler
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
@@ -72,7 +73,8 @@ def test_segfault_fails_only_its_future_and_the_pool_goes_on() -> None:
 
 def test_the_standard_pool_breaks_where_procorch_does_not() -> None:
     """The same crash leaves ProcessPoolExecutor broken (the reason ProcessPool exists)."""
-    with ProcessPoolExecutor(2) as standard:
+    # faulthandler.disable: the workers would print pytest's crash dump to our stderr.
+    with ProcessPoolExecutor(2, initializer=faulthandler.disable) as standard:
         futures = [standard.submit(crash_on, x, 3) for x in range(8)]
         outcomes = []
         for future in futures:
