@@ -7,6 +7,7 @@ from ._aio import (
     execute_steps_parallel_async,
 )
 from ._combinators import Stage, execute_loop, execute_pipeline
+from ._dask import DaskBackend
 from ._errors import ExecutorError, InvalidSpecError, JournalSchemaError, WorkflowLockedError
 from ._events import (
     Event,
@@ -33,6 +34,7 @@ __all__ = [
     "AgentExecutor",
     "AgentStepSpec",
     "CancelToken",
+    "DaskBackend",
     "ErrorKind",
     "Event",
     "EventSink",

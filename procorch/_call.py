@@ -39,12 +39,13 @@ class Guards(TypedDict, total=False):
     retry: RetryPolicy | None
     capture_output: bool
     cancel: CancelToken | None
+    backend: Any
 
 
 class _Call:
     """A call whose executor, events target and guards passed every check."""
 
-    __slots__ = ("blob", "emit", "limit", "options")
+    __slots__ = ("backend", "blob", "emit", "limit", "options")
 
     def __init__(
         self,
@@ -52,18 +53,26 @@ class _Call:
         blob: bytes,
         emit: Callable[[Event], Any] | None,
         options: _CallOptions,
+        backend: Any = None,
     ) -> None:
         self.limit = limit
         self.blob = blob
         self.emit = emit
         self.options = options
+        self.backend = backend  # None: the local lanes; else a DaskBackend
 
     def dispatch(
         self,
         on_outcome: Callable[[int, StepOutcome], None] | None = None,
         keep_outcomes: bool = True,
-    ) -> _Dispatch:
+    ) -> Any:
         """A fresh dispatch for this call (its executor gets a new token)."""
+        if self.backend is not None:
+            from ._dask import _DaskDispatch
+
+            return _DaskDispatch(
+                self.backend, self.blob, self.emit, self.options, on_outcome, keep_outcomes
+            )
         return _Dispatch(
             self.blob, _engine.next_token(), self.emit, self.options, on_outcome, keep_outcomes
         )
@@ -78,6 +87,7 @@ def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _
         )
     limit = _concurrency(executor)
     emit = _event_delivery(events)
+    backend = _backend(guards)
     options = _call_options(guards)
     try:
         blob = cloudpickle.dumps(executor)
@@ -85,7 +95,25 @@ def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _
         raise ExecutorError(
             f"executor cannot be pickled for the worker processes: {type(exc).__name__}: {exc}"
         ) from exc
-    return _Call(limit, blob, emit, options)
+    return _Call(limit, blob, emit, options, backend)
+
+
+def _backend(guards: Guards) -> Any:
+    """The backend named by the guards (None for local lanes), checked against the rest."""
+    backend = guards.get("backend")
+    if backend is None:
+        return None
+    from ._dask import DaskBackend
+
+    if not isinstance(backend, DaskBackend):
+        raise TypeError(f"backend must be a DaskBackend or None (got {type(backend).__name__})")
+    for guard in ("memory_limit", "capture_output"):
+        if guards.get(guard):
+            raise ValueError(
+                f"{guard} is not available with the Dask backend: set the workers' own "
+                "limits (memory_limit on the Dask workers) instead"
+            )
+    return backend
 
 
 def check_spec(index: int, spec: Any) -> bytes:
@@ -145,7 +173,7 @@ def _positive(name: str, value: Any) -> None:
 
 
 def _call_options(guards: Guards) -> _CallOptions:
-    unknown = set(guards) - set(Guards.__annotations__)
+    unknown = set(guards) - set(Guards.__annotations__)  # "backend" is read by _backend
     if unknown:
         raise TypeError(f"unknown guard {sorted(unknown)[0]!r}")
     step_timeout = guards.get("step_timeout")

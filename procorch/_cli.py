@@ -42,6 +42,7 @@ from typing import IO, Any, NamedTuple
 import msgspec
 
 from ._call import Guards
+from ._dask import DaskBackend
 from ._errors import ExecutorError, InvalidSpecError, WorkflowLockedError
 from ._events import Event, EventSink, StepCrashed, StepFinished, StepRerun, StepStarted
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
@@ -319,6 +320,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--capture-output",
         action="store_true",
         help="keep what each step prints; a failed outcome's error.printed holds the last 4 KiB",
+    )
+    where = run.add_argument_group("where the steps run")
+    where.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run the steps on the Dask cluster whose scheduler is at ADDRESS "
+        "(e.g. tcp://10.0.0.5:8786) instead of local worker processes; needs the dask extra",
     )
     resume = run.add_argument_group(
         "resumable runs",
@@ -884,6 +892,11 @@ def _execute(
         retry=_retry_policy(args),
         capture_output=args.capture_output,
     )
+    if args.dask is not None:
+        try:
+            guards["backend"] = DaskBackend(args.dask)
+        except ImportError as exc:
+            raise _BadInput(str(exc)) from None
     try:
         if args.workflow_id is not None:
             return execute_steps_parallel_resumable(
