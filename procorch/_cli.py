@@ -903,7 +903,7 @@ def _execute(
                 executor, specs.specs, args.workflow_id, args.journal, on_event, **guards
             )
         return execute_steps_parallel(executor, specs.specs, on_event, **guards)
-    except WorkflowLockedError as exc:
+    except (WorkflowLockedError, ConnectionError) as exc:
         raise _BadInput(str(exc)) from None
     except sqlite3.Error as exc:
         raise _BadInput(f"journal {args.journal!r}: {exc}") from None

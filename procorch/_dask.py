@@ -52,6 +52,7 @@ from typing import Any
 
 import msgspec
 
+from ._dispatcher import _WakePipe
 from ._events import (
     Event,
     StepCrashed,
@@ -61,7 +62,7 @@ from ._events import (
     StepStarted,
 )
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
-from ._protocol import _decode_frame, _Done, _encode, _Progress
+from ._protocol import _decode_frame, _Done, _Progress, _progress_frame
 
 __all__ = ["DaskBackend"]
 
@@ -125,10 +126,7 @@ class _DaskSink:
         self._open = True
 
     def emit(self, data: Any) -> None:
-        try:
-            frame = _encode(_Progress(data))
-        except TypeError as exc:
-            raise TypeError(f"event data must be encodable by msgspec: {exc}") from None
+        frame = _progress_frame(data)
         with self._lock:
             if not self._open:
                 return
@@ -227,12 +225,10 @@ class _DaskDispatch:
         self.deadline: float | None = None
         self.topic = f"procorch-{uuid.uuid4().hex}"
         self._news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake_reader, self._wake_writer = os.pipe()
-        os.set_blocking(self._wake_writer, False)
-        self._wake_lock = threading.Lock()
-        self._closed = False
+        self._wake = _WakePipe()
         self._client: Any = None
         self._owns_client = False
+        self._closed = False  # tells the start listener to stop
         self._executor_future: Any = None
 
     # -- the interface the entry points use ---------------------------------------
@@ -247,8 +243,8 @@ class _DaskDispatch:
         return index
 
     def run(self, lane_count: int) -> None:
-        self.open(lane_count)
         try:
+            self.open(lane_count)
             while self.remaining:
                 self.turn()
         finally:
@@ -266,9 +262,14 @@ class _DaskDispatch:
         if self.backend.client is not None:
             self._client = self.backend.client
         else:
-            self._client = distributed.Client(  # type: ignore[no-untyped-call]
-                self.backend.address, set_as_default=False
-            )
+            try:
+                self._client = distributed.Client(  # type: ignore[no-untyped-call]
+                    self.backend.address, set_as_default=False, timeout="10s"
+                )
+            except (OSError, TimeoutError) as exc:
+                raise ConnectionError(
+                    f"cannot reach the Dask scheduler at {self.backend.address}: {exc}"
+                ) from None
             self._owns_client = True
         # A task, not scattered data: a worker's death can lose scattered data
         # for good, while a task's result is computed again from the graph.
@@ -301,13 +302,14 @@ class _DaskDispatch:
         self._check_time_limits()
 
     def close(self) -> None:
-        with self._wake_lock:
-            self._closed = True
+        self._closed = True
         if self.options.cancel is not None:
             self.options.cancel._forget(self._wake_up)
         client = self._client
+        listener = getattr(self, "_listener", None)
+        if listener is not None:
+            listener.join(timeout=5)
         if client is not None:
-            self._listener.join(timeout=5)
             for step in self.running.values():
                 client.cancel(step.future, force=True)
             try:
@@ -316,8 +318,7 @@ class _DaskDispatch:
                 pass
             if self._owns_client:
                 client.close()
-        os.close(self._wake_reader)
-        os.close(self._wake_writer)
+        self._wake.close()
 
     # -- submitting and hearing back ------------------------------------------------
 
@@ -367,12 +368,7 @@ class _DaskDispatch:
         self._wake_up()
 
     def _wake_up(self, *_: object) -> None:
-        with self._wake_lock:
-            if not self._closed:
-                try:
-                    os.write(self._wake_writer, b"\0")
-                except BlockingIOError:
-                    pass
+        self._wake.poke()
 
     def _wait(self, now: float) -> None:
         import select
@@ -382,9 +378,9 @@ class _DaskDispatch:
             if step.started is not None and step.limit is not None:
                 wake_at.append(step.started + step.limit)
         timeout = max(0.0, min(wake_at) - now) if wake_at else None
-        ready, _, _ = select.select([self._wake_reader], [], [], timeout)
+        ready, _, _ = select.select([self._wake], [], [], timeout)
         if ready:
-            os.read(self._wake_reader, 4096)
+            self._wake.drain()
 
     def _drain_news(self) -> None:
         while True:

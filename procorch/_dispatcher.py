@@ -190,6 +190,36 @@ class _LaneWork:
         self.retiring = False
 
 
+class _WakePipe:
+    """Wakes a dispatcher's wait() from any thread; safe to poke after it is closed."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = os.pipe()
+        os.set_blocking(self._writer, False)
+        self._lock = threading.Lock()  # no wake-up may hit a closed (reused) fd
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._reader
+
+    def poke(self, *_: object) -> None:
+        with self._lock:
+            if not self.closed:
+                try:
+                    os.write(self._writer, b"\0")
+                except BlockingIOError:  # full: a wake-up is pending anyway
+                    pass
+
+    def drain(self) -> None:
+        os.read(self._reader, 4096)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            os.close(self._reader)
+            os.close(self._writer)
+
+
 class _Step:
     """What the dispatcher knows of one unfinished step; dropped when it ends."""
 
@@ -238,10 +268,7 @@ class _Dispatch:
         self.retire_above = None if limit is None else limit // 2
         self.deadline: float | None = None
         self.next_memory_check = 0.0
-        self._wake_reader, self._wake_writer = os.pipe()
-        os.set_blocking(self._wake_writer, False)
-        self._wake_lock = threading.Lock()  # no wake-up may hit a closed fd
-        self._closed = False
+        self._wake = _WakePipe()
         self._previous_sigterm: Any = None
 
     def add(self, spec: AgentStepSpec, data: bytes) -> int:
@@ -316,22 +343,18 @@ class _Dispatch:
                     wake_at.append(self.next_memory_check)
         timeout = max(0.0, min(wake_at) - now) if wake_at else None
         listening = [work.lane.channel for work in self.works if work.busy and not work.ended]
-        ready = wait([*listening, self._wake_reader], timeout)
-        if self._wake_reader in ready:
-            os.read(self._wake_reader, 4096)
+        wake_fd = self._wake.fileno()
+        ready = wait([*listening, wake_fd], timeout)
+        if wake_fd in ready:
+            self._wake.drain()
 
     def wake(self) -> None:
         """Interrupt the current wait (from any thread), e.g. because steps were added."""
-        self._wake_up()
+        self._wake.poke()
 
     def _wake_up(self, *_: object) -> None:
         # Runs in loky's manager thread or a canceller's, maybe after the call.
-        with self._wake_lock:
-            if not self._closed:
-                try:
-                    os.write(self._wake_writer, b"\0")
-                except BlockingIOError:  # full: a wake-up is pending anyway
-                    pass
+        self._wake.poke()
 
     # -- starting steps -----------------------------------------------------------
 
@@ -690,8 +713,6 @@ class _Dispatch:
 
     def _close(self) -> None:
         """Give healthy lanes back; kill lanes whose work is unfinished."""
-        with self._wake_lock:
-            self._closed = True
         healthy = []
         for work in self.works:
             if not work.assigned and _returned_cleanly(work.futures):
@@ -700,8 +721,7 @@ class _Dispatch:
                 work.lane.close(kill=True)
         _engine.release(healthy)
         self.works = []
-        os.close(self._wake_reader)
-        os.close(self._wake_writer)
+        self._wake.close()
 
 
 def _returned_cleanly(futures: list[Future[None]]) -> bool:

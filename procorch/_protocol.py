@@ -44,6 +44,15 @@ _Frame = _Started | _Progress | _Done | _Retire
 _encode = msgspec.msgpack.Encoder().encode
 _decode_frame = msgspec.msgpack.Decoder(_Frame).decode
 
+
+def _progress_frame(data: Any) -> bytes:
+    """An event sink's frame for ``data``, or a TypeError naming the trouble."""
+    try:
+        return _encode(_Progress(data))
+    except TypeError as exc:
+        raise TypeError(f"event data must be encodable by msgspec: {exc}") from None
+
+
 # On the pipe, each frame is its length (4 bytes, little-endian) then its bytes.
 _LENGTH = struct.Struct("<I")
 _READ_SIZE = 1 << 16

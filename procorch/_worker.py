@@ -34,7 +34,7 @@ from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._protocol import (
     _Done,
     _encode,
-    _Progress,
+    _progress_frame,
     _read_tail,
     _Retire,
     _Started,
@@ -126,10 +126,7 @@ class _ChannelSink:
         self._open = True
 
     def emit(self, data: Any) -> None:
-        try:
-            frame = _encode(_Progress(data))
-        except TypeError as exc:
-            raise TypeError(f"event data must be encodable by msgspec: {exc}") from None
+        frame = _progress_frame(data)
         with self._lock:
             if self._open:
                 _send(frame)
