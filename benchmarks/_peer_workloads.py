@@ -36,8 +36,8 @@ def busy_loop(loops: int) -> int:
     return total
 
 
-def calibrate_loops(seconds: float, probe: int = 200_000, tries: int = 7) -> int:
-    """How many ``busy_loop`` iterations take ``seconds`` here (best of ``tries``)."""
+def calibrate_loops(seconds: float, probe: int = 100_000, tries: int = 30) -> int:
+    """How many ``busy_loop`` iterations take ``seconds`` here, uncontended (best of ``tries``)."""
     best = float("inf")
     for _ in range(tries):
         start = time.perf_counter()

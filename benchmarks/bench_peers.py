@@ -30,17 +30,26 @@ Every pool gets 2 workers on this machine and the same step functions
    many no-op steps, with the results still held.
 
 Each trial (one workload, one pool, one repetition) runs in a fresh process
-of its own (and session), so a pool that hangs is killed with every process
-it started after a timeout and reported as hanging, and no trial inherits another's memory or
-workers. A trial warms its pool (starts the workers, runs a few steps) before
-timing anything. Repetitions are interleaved: each repetition runs every
+and session of its own: a pool that hangs is killed after a timeout, with
+every process it started, and reported as hanging, and no trial inherits
+another's memory or workers. A trial warms its pool (starts the workers, runs
+a few steps) before timing anything. Repetitions are interleaved: each repetition runs every
 workload on every pool, in a rotating order. A figure is the median over the
-repetitions.
+repetitions. The machine may be shared, so every trial also records how much
+of the CPU other processes used while it ran, and the tables say so.
 
-Run: ``python benchmarks/bench_peers.py`` (about 15 minutes on 2 cores), or
+Run: ``python benchmarks/bench_peers.py`` (under 10 minutes on 2 cores), or
 ``--quick`` for a smoke run with small sizes and one repetition. Writes
-``benchmarks/results/peers.md`` and ``peers.png`` (``peers-quick.*`` with
-``--quick``) and prints the table.
+``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every
+trial's figures; ``peers-quick.*`` with ``--quick``) and prints the tables.
+
+To measure one commit while the checkout changes, export it and run from a
+directory without a procorch checkout in it (procorch's fork server puts the
+current directory first on its workers' path, so workers started from the
+checkout would import the checkout's procorch, not the export)::
+
+    git archive HEAD procorch | tar -x -C /tmp/pc && cd /tmp &&
+        PYTHONPATH=/tmp/pc python /path/to/benchmarks/bench_peers.py
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -97,10 +107,10 @@ class Sizes:
 
 SIZES = {
     "dispatch": Sizes(
-        "Dispatch: {steps:,} no-op steps", {"steps": 20_000}, {"steps": 2_000}, (120, 120)
+        "Dispatch: {steps:,} no-op steps", {"steps": 20_000}, {"steps": 2_000}, (60, 60)
     ),
     "cpu": Sizes(
-        "CPU-bound: {steps} pure-Python steps of ~10 ms", {"steps": 200}, {"steps": 40}, (120, 120)
+        "CPU-bound: {steps} pure-Python steps of ~10 ms", {"steps": 200}, {"steps": 40}, (60, 60)
     ),
     "crash": Sizes(
         "Crash-heavy: {steps} steps of 5 ms, every {every}th segfaults",
@@ -112,20 +122,20 @@ SIZES = {
         "Recovery: crash to next step started, 1 worker, {crashes} crashes a run",
         {"crashes": 20},
         {"crashes": 5},
-        (120, 60),
+        (60, 60),
         slow=True,
     ),
     "events": Sizes(
         "Events: {steps} steps x {per_step:,} progress events",
         {"steps": 20, "per_step": 5_000},
         {"steps": 10, "per_step": 2_000},
-        (120, 120),
+        (60, 60),
     ),
     "memory": Sizes(
         "Parent memory: RSS growth over {steps:,} no-op steps",
         {"steps": 100_000},
         {"steps": 10_000},
-        (300, 120),
+        (120, 60),
         slow=True,
     ),
 }
@@ -188,23 +198,61 @@ def _parse_result(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
     return {"status": "error", "detail": f"exit code {returncode}: {tail}"}
 
 
+class LoadMeter:
+    """The share of the machine's CPU that processes other than a trial's used meanwhile.
+
+    This machine may be shared; a trial's figures mean less when something else
+    was busy. Busy CPU time of the whole machine, less the CPU time of the trial
+    and of the workers it waited for, over the cores times the wall time.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._wall = time.perf_counter()
+        self._busy = self._machine_busy()
+        self._own = self._children_cpu()
+
+    def _machine_busy(self) -> float:
+        times = self._psutil.cpu_times()
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+    @staticmethod
+    def _children_cpu() -> float:
+        """CPU time of this process and of the children it (and they) waited for."""
+        total = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            total += usage.ru_utime + usage.ru_stime
+        return total
+
+    def share(self) -> float:
+        """Other processes' CPU use since construction, as a fraction of all cores."""
+        wall = time.perf_counter() - self._wall
+        busy = self._machine_busy() - self._busy
+        own = self._children_cpu() - self._own
+        return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+
+
 def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
     """Run one trial in a fresh session; kill the session on timeout or exit."""
     command = [sys.executable, __file__, "--trial", workload.key, pool, json.dumps(workload.params)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        load = LoadMeter()
         proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
         try:
             proc.wait(timeout=workload.timeout)
-            hung = False
+            background = load.share()
         except subprocess.TimeoutExpired:
-            hung = True
+            background = None
         _kill_session(proc.pid)  # also any worker the trial left behind
         proc.wait()
+        if background is None:
+            return {"status": "hang", "timeout": workload.timeout}
         out.seek(0)
         err.seek(0)
-        if hung:
-            return {"status": "hang", "timeout": workload.timeout}
-        return _parse_result(out.read(), err.read(), proc.returncode)
+        return {**_parse_result(out.read(), err.read(), proc.returncode), "load": background}
 
 
 def _trial_note(result: dict[str, Any], seconds: float) -> str:
@@ -224,8 +272,8 @@ def run_plan(plan: Plan) -> None:
             order = [*workload.pools[shift:], *workload.pools[:shift]]
             for pool in order:
                 runs = plan.results.setdefault(workload.key, {}).setdefault(pool, [])
-                if runs and runs[-1]["status"] == "hang":  # it hangs every time: don't wait again
-                    runs.append({**runs[-1], "skipped": True})
+                if runs and all(run["status"] == "hang" for run in runs):
+                    runs.append({**runs[-1], "skipped": True})  # it always hangs: don't wait again
                     continue
                 start = time.perf_counter()
                 result = run_trial_process(workload, pool)
@@ -271,7 +319,9 @@ def _failure_text(runs: list[dict[str, Any]]) -> str:
     bad = [run for run in runs if run["status"] != "ok"]
     run = bad[0]
     if run["status"] == "hang":
-        skipped = " (later repetitions skipped)" if any(r.get("skipped") for r in bad) else ""
+        skipped = (
+            " (so later repetitions were skipped)" if any(r.get("skipped") for r in bad) else ""
+        )
         return f"hangs (killed after {run['timeout']:.0f} s){skipped}"
     if run["status"] == "broken":
         return f"broken: {run['detail']}"
@@ -455,12 +505,29 @@ def workload_rows(plan: Plan) -> dict[str, list[Row]]:
     }
 
 
-def _markdown_table(workload: Workload, rows: list[Row]) -> list[str]:
+def runs_of(plan: Plan, key: str) -> list[dict[str, Any]]:
+    """Every trial run of one workload, all pools."""
+    return [run for runs in plan.results.get(key, {}).values() for run in runs]
+
+
+def _load_text(runs: list[dict[str, Any]]) -> str:
+    """The other processes' CPU share during these trials: median and worst."""
+    loads = [run["load"] for run in runs if "load" in run and not run.get("skipped")]
+    if not loads:
+        return "other load unknown"
+    return (
+        f"other processes used {statistics.median(loads):.0%} of the CPU, "
+        f"{max(loads):.0%} in the worst trial"
+    )
+
+
+def _markdown_table(plan: Plan, workload: Workload, rows: list[Row]) -> list[str]:
     table = TABLES[workload.key]
     mine = next((row for row in rows if row.pool == "procorch"), None)
     reps = f"median of {workload.reps} run{'s' if workload.reps > 1 else ''}"
+    load = _load_text(runs_of(plan, workload.key))
     lines = [
-        f"### {workload.title} ({reps})",
+        f"### {workload.title} ({reps}; {load})",
         "",
         f"| pool | {' | '.join(table.columns)} | procorch vs this pool | {table.note_column} |",
         f"|---|{'---:|' * len(table.columns)}---|---|",
@@ -578,9 +645,18 @@ def _target_lines(plan: Plan, rows: dict[str, list[Row]]) -> list[str]:
     """One line per target: what it is, what procorch measured (vs the peer), met or missed."""
     lines = ["| workload | target | procorch (vs peer) | verdict |", "|---|---|---|---|"]
     for workload in plan.workloads:
-        for target, measured, ok in TARGETS[workload.key](plan, rows):
+        for target, measured, ok in [*TARGETS[workload.key](plan, rows), _finished(plan, workload)]:
             lines.append(f"| {workload.key} | {target} | {measured} | {_verdict(ok)} |")
     return [*lines, ""]
+
+
+def _finished(plan: Plan, workload: Workload) -> Target:
+    """Whether every procorch run of the workload finished (no hang, no error)."""
+    runs = plan.results.get(workload.key, {}).get("procorch", [])
+    bad = [run["status"] for run in runs if run["status"] != "ok"]
+    summary = ", ".join(f"{bad.count(s)} {s}" for s in sorted(set(bad)))
+    measured = f"{len(runs) - len(bad)} of {len(runs)} ok" + (f" ({summary})" if bad else "")
+    return ("every run finishes", measured, not bad if runs else None)
 
 
 # -- the report ---------------------------------------------------------------------
@@ -613,6 +689,7 @@ def _procorch_source() -> str:
 
 
 def header_lines(plan: Plan, elapsed: float) -> list[str]:
+    all_runs = [run for w in plan.workloads for run in runs_of(plan, w.key)]
     reps = ", ".join(f"{w.key} {w.reps}" for w in plan.workloads)
     if len({w.reps for w in plan.workloads}) > 1:
         reps += " (fewer for the slowest workloads, to keep the run near 15 minutes)"
@@ -628,6 +705,8 @@ def header_lines(plan: Plan, elapsed: float) -> list[str]:
         f"- every pool has 2 workers (recovery: 1, joblib 2); busy loop: {plan.loops:,} "
         f"iterations for ~{STEP_SECONDS * 1e3:.0f} ms; the whole run took {elapsed / 60:.1f} min",
         "- command: `python benchmarks/bench_peers.py" + (" --quick`" if plan.quick else "`"),
+        f"- while the trials ran, {_load_text(all_runs)}: this machine may be shared, so "
+        "figures from busy trials are less trustworthy (CPU-bound ones most)",
         "",
     ]
 
@@ -636,12 +715,15 @@ def markdown(plan: Plan, rows: dict[str, list[Row]], elapsed: float) -> str:
     lines = header_lines(plan, elapsed)
     lines += ["## Targets", "", *_target_lines(plan, rows), "## Workloads", ""]
     for workload in plan.workloads:
-        lines += _markdown_table(workload, rows[workload.key])
+        lines += _markdown_table(plan, workload, rows[workload.key])
     lines += [
         "Notes: a peer's crash counts as labelled only if its error differs from every error "
         "an innocent step got. 'procorch vs this pool' compares the first column; it is left "
         "out where the peer failed or lost steps. Event latency is measured while the steps "
-        "emit as fast as they can, so it includes any backlog.",
+        "emit as fast as they can, so it includes the backlog waiting in the pipe or queue. "
+        "A peer's memory growth is mostly the futures of its submit-everything loop (100,000 "
+        "bare concurrent.futures.Future objects alone take about 160 MiB, and the allocator "
+        "keeps much of it after they are freed); joblib batches and holds no future per step.",
         "",
     ]
     return "\n".join(lines)
@@ -757,8 +839,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     text = markdown(plan, rows, elapsed)
     out.with_suffix(".md").write_text(text)
     chart(plan, rows, out.with_suffix(".png"))
+    raw = {w.key: {"params": w.params, "runs": plan.results.get(w.key, {})} for w in plan.workloads}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
     print(text)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}", file=sys.stderr)
+    print(f"wrote {out}.md, .png and .json (every trial's figures)", file=sys.stderr)
 
 
 if __name__ == "__main__":
