@@ -18,9 +18,11 @@ Data flow for one call (the calling thread does all of it)::
   never began; they run again elsewhere without being charged an attempt.
 - Chunks amortise the round trip to the worker for quick steps: their size
   grows from 1 so that a chunk lasts about ``_CHUNK_SECONDS``, and shrinks at
-  the end of the batch so every lane stays busy. Each lane also holds a
-  second chunk queued behind the running one, so a worker never waits for
-  the parent between chunks.
+  the end of the batch so every lane stays busy. While steps are quick (a
+  mean under ``_QUEUE_BEHIND_BELOW``) each lane also holds a second chunk
+  queued behind the running one, so a worker never waits for the parent
+  between chunks; slower steps never queue, since work queued on a worker
+  cannot be taken back if the step ahead of it turns out slow.
 - Events for a step are delivered in the order its worker wrote them, and
   its ``StepFinished`` only after its last frame: all of them travel on one
   pipe. A failed attempt that will be retried ends with ``StepRerun`` rather
