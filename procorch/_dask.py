@@ -407,7 +407,9 @@ class _DaskDispatch:
                     StepStarted(index, step.spec.task_id, step.attempts, step.spec.agent,
                                 message["start"])
                 )  # fmt: skip
-        elif message["s"] == step.delivered + 1:
+        elif step.started is not None and message["s"] == step.delivered + 1:
+            # Progress may overtake its step's start marker (they travel apart);
+            # what is not delivered live comes from the result, in order.
             step.delivered += 1
             self._emit_progress(index, step, message["f"])
 
