@@ -1004,8 +1004,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo()
         _check_combinations(args)
         cwd = os.getcwd()
-        if cwd not in sys.path:  # as python -m does: executors next to the specs import
-            sys.path.insert(0, cwd)
+        if cwd not in sys.path:  # executors next to the specs import, in the workers too;
+            sys.path.append(cwd)  # last, so that nothing installed is shadowed by it
         return _run(args)
     except _BadInput as exc:
         _say(f"procorch: {exc}")

@@ -472,7 +472,9 @@ class _Dispatch:
         printed = lane.printed() if self.options.capture else None
         culprit = work.assigned[0] if work.started_at is not None else None
         duration = 0.0 if work.started_at is None else time.monotonic() - work.started_at
-        self._requeue_unstarted(work, skip_first=culprit is not None, pid=pid, code=exit_code)
+        self._requeue_unstarted(
+            work, skip_first=culprit is not None, pid=pid, code=exit_code, dump=dump
+        )
         self._replace_lane(work)
         if culprit is None:
             return
@@ -503,7 +505,13 @@ class _Dispatch:
         self._fail(culprit, "crash", error.message, error, duration)
 
     def _requeue_unstarted(
-        self, work: _LaneWork, *, skip_first: bool, pid: int | None, code: int | None
+        self,
+        work: _LaneWork,
+        *,
+        skip_first: bool,
+        pid: int | None,
+        code: int | None,
+        dump: str = "",
     ) -> None:
         """Send the steps a dead lane never began back to the front of the queue."""
         unstarted = list(work.assigned)[1 if skip_first else 0 :]
@@ -520,6 +528,8 @@ class _Dispatch:
                     f"processes in a row died before it began (the last, pid {pid}, with exit "
                     f"code {code})."
                 )
+                if dump:
+                    message += f" It said: {dump.strip()}"
                 error = StepError(
                     kind="crash",
                     message=message,

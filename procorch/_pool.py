@@ -34,7 +34,7 @@ import loky
 import psutil
 
 from . import _worker
-from ._context import stop_server, worker_context
+from ._context import PACKAGE_DIR, stop_server, worker_context
 from ._protocol import _FrameReader, _read_tail, _tree_rss
 
 
@@ -54,7 +54,7 @@ class _Lane:
             max_workers=1,
             context=context,
             initializer=_worker._init,
-            initargs=(channel_writer, crash_writer, capture_path),
+            initargs=(channel_writer, crash_writer, capture_path, PACKAGE_DIR),
             timeout=None,
         )
         self._process: Any = None

@@ -29,7 +29,7 @@ import cloudpickle
 import loky.process_executor
 import msgspec
 
-from ._context import release_server_in_worker
+from ._context import PACKAGE_DIR, release_server_in_worker
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._protocol import (
     _Done,
@@ -57,8 +57,17 @@ _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
 
-def _init(channel: Connection, crash_channel: Connection, capture_path: str) -> None:
+def _init(
+    channel: Connection, crash_channel: Connection, capture_path: str, package_dir: str
+) -> None:
     global _channel, _crash_channel, _capture_path
+    if os.path.realpath(package_dir) != os.path.realpath(PACKAGE_DIR):
+        # Another procorch than the caller's would speak another protocol.
+        os.write(
+            crash_channel.fileno(),
+            f"procorch in this worker is {PACKAGE_DIR}, not the caller's {package_dir}\n".encode(),
+        )
+        os._exit(70)
     # loky recycles a worker whose memory grew by 300 MB (when psutil is
     # present); a respawned worker would find its lane's pipes gone, so
     # lanes opt out: procorch replaces workers itself (see the memory cap).

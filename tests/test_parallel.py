@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -275,3 +276,35 @@ def test_script_without_main_guard_is_not_rerun_by_workers(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["top level ran", "[True, True, True, True]"]
+
+
+def test_a_procorch_folder_in_the_current_directory_does_not_reach_the_workers(
+    tmp_path: Path,
+) -> None:
+    """Workers run the caller's procorch even from a directory holding another one."""
+    work = tmp_path / "work"
+    work.mkdir()
+    # A checkout of procorch: importable, and not the caller's.
+    shutil.copytree(Path(procorch.__file__).parent, work / "procorch")
+    script = tmp_path / "where.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import procorch
+
+            class Where(procorch.AgentExecutor):
+                def execute_step(self, spec, events):
+                    return procorch.StepOutcome(spec.task_id, "s", "a", procorch.__file__, True)
+
+            if __name__ == "__main__":
+                spec = procorch.AgentStepSpec("a", "a", "", "")
+                [outcome] = procorch.execute_steps_parallel(Where(), [spec])
+                print(outcome.success, outcome.output == procorch.__file__)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
