@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +419,23 @@ def interval(seconds: float) -> tuple[float, float]:
     start = time.monotonic()
     time.sleep(seconds)
     return start, time.monotonic()
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` is alive (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def gone(pids: Iterable[int], within: float = 10.0) -> bool:
+    """Poll until none of ``pids`` is alive; False if some still are after ``within`` s."""
+    deadline = time.monotonic() + within
+    while any(running(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

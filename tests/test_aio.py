@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import psutil
 import pytest
-from helpers import AsyncExecutor, FaultyExecutor, spec
+from helpers import AsyncExecutor, FaultyExecutor, gone, spec
 
 from procorch import (
     EventStream,
@@ -94,17 +93,7 @@ def test_cancelling_the_task_cancels_the_batch() -> None:
 
     elapsed, pid = asyncio.run(main())
     assert elapsed < 10
-    deadline = time.monotonic() + 5
-    while _running(pid):
-        assert time.monotonic() < deadline, "the cancelled step's worker is still running"
-        time.sleep(0.01)
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert gone([pid], within=5), "the cancelled step's worker is still running"
 
 
 def test_crash_in_an_async_batch_is_isolated() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 import psutil
 import pytest
+from helpers import gone
 
 import procorch
 from procorch import AgentStepSpec, Event, StepFinished, StepOutcome, StepStarted
@@ -71,23 +72,6 @@ def _outcomes(text: str) -> list[StepOutcome]:
 
 def _events(path: Path) -> list[Event]:
     return [msgspec.json.decode(line, type=Event) for line in path.read_text().splitlines()]
-
-
-def _gone(pids: Iterable[int], within: float = 10.0) -> bool:
-    """Poll until none of ``pids`` is alive (zombies count as gone)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # -- good runs -------------------------------------------------------------------
@@ -485,7 +469,7 @@ def test_run_ctrl_c_exits_130_and_stops_every_worker(tmp_path: Path) -> None:
     assert len(interrupted) == 1
     assert interrupted[0].startswith("procorch: interrupted: ")
     assert stdout == ""
-    assert descendants and _gone(descendants)
+    assert descendants and gone(descendants)
 
 
 # -- resumable runs -----------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import GuardExecutor, spec
+from helpers import GuardExecutor, gone, spec
 
 import procorch
 from procorch import (
@@ -33,23 +33,6 @@ pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
 MiB = 2**20
 TESTS = Path(__file__).resolve().parent
-
-
-def _gone(pids: Iterable[int], within: float = 10.0) -> bool:
-    """Poll until none of ``pids`` is alive (zombies count as gone)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _ok(outcomes: list[StepOutcome], task_ids: Iterable[str]) -> None:
@@ -291,7 +274,7 @@ def test_no_orphans_after_crash_or_timeout(tmp_path: Path, agent: str, guard: di
     assert not out[0].success and out[1].success
     grandchildren = executor.pids("grandchild")
     assert grandchildren
-    assert _gone(grandchildren)
+    assert gone(grandchildren)
 
 
 _INTERRUPTED_SCRIPT = """
@@ -339,7 +322,7 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
     stdout, stderr = parent.communicate(timeout=60)
     assert "KeyboardInterrupt reached the caller" in stdout, stderr
     assert parent.returncode != 0
-    assert _gone(tree, within=5.0)
+    assert gone(tree, within=5.0)
     assert not list(scratch.glob("procorch-*"))  # and removed it on the way out
 
 
@@ -417,7 +400,7 @@ def test_directories_of_killed_callers_are_swept(tmp_path: Path) -> None:
     (stale / "lane-1.out").write_text("left behind")
     script = (
         f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-        "from helpers import GuardExecutor, spec\n"
+        "from helpers import GuardExecutor, gone, spec\n"
         "import procorch\n"
         f"procorch.execute_steps_parallel(GuardExecutor({str(tmp_path)!r}), [spec('a')])\n"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import JournaledExecutor, log_counts, spec
+from helpers import JournaledExecutor, gone, log_counts, spec
 
 from procorch import (
     SqliteStore,
@@ -74,17 +74,6 @@ def _start_run(
             [sys.executable, str(script)], stdout=output, stderr=subprocess.STDOUT, text=True
         )
     return process, log, journal
-
-
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
 
 
 def _wait_for(condition, within: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -233,6 +222,6 @@ def test_killed_parent_takes_its_workers_with_it(tmp_path: Path) -> None:
     workers = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
-    _wait_for(lambda: not _alive(workers), within=10)
+    assert gone(workers)
     assert not log_counts(str(log), "finish")
     assert os.path.exists(journal)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from helpers import QuickExecutor, spec
+from helpers import QuickExecutor, gone, spec
 
 from procorch import AgentStepSpec, InvalidSpecError, StepStarted, stream_steps_parallel
 
@@ -86,17 +86,7 @@ def test_breaking_out_stops_the_work_left() -> None:
     for _ in stream_steps_parallel(QuickExecutor(), specs, events=remember):
         break
     assert time.monotonic() - start < 30
-    deadline = time.monotonic() + 10
-    while any(_running(pid) for pid in pids):
-        assert time.monotonic() < deadline, "a step's worker outlived the stream"
-        time.sleep(0.01)
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert gone(pids), "a step's worker outlived the stream"
 
 
 def test_bad_spec_in_the_stream_is_named() -> None:
