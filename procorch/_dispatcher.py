@@ -95,6 +95,30 @@ _SIGNAL_CAUSES = {
 }
 
 
+# faulthandler's first line names the fatal signal it caught.
+_FAULTHANDLER_SIGNALS = {
+    "Segmentation fault": signal.SIGSEGV,
+    "Aborted": signal.SIGABRT,
+    "Bus error": signal.SIGBUS,
+    "Floating-point exception": signal.SIGFPE,
+    "Illegal instruction": signal.SIGILL,
+}
+
+
+def _exit_code(reported: int | None, dump: str) -> int | None:
+    """The worker's exit code, corrected by faulthandler's word where the fork server lost it.
+
+    The fork server relays a worker's exit status over a socket, and now and
+    then reports 255 instead (CPython's bpo-30589; seen here about once in 300
+    crashes). When faulthandler named the fatal signal, that signal is the truth.
+    """
+    if reported is None or reported == 255:
+        for name, signum in _FAULTHANDLER_SIGNALS.items():
+            if f"Fatal Python error: {name}" in dump:
+                return -int(signum)
+    return reported
+
+
 def _signal_name(exit_code: int | None) -> str | None:
     if exit_code is None or exit_code >= 0:
         return None
@@ -466,9 +490,9 @@ class _Dispatch:
     def _on_lost_worker(self, work: _LaneWork, exc: BaseException | None) -> None:
         """The lane's worker died, or its call failed, before its chunk was done."""
         lane = work.lane
-        exit_code = lane.exit_code()
-        pid = work.pid if work.pid is not None else lane.pid
         dump = lane.crash_dump()
+        exit_code = _exit_code(lane.exit_code(), dump)
+        pid = work.pid if work.pid is not None else lane.pid
         printed = lane.printed() if self.options.capture else None
         culprit = work.assigned[0] if work.started_at is not None else None
         duration = 0.0 if work.started_at is None else time.monotonic() - work.started_at
