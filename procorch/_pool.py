@@ -89,7 +89,11 @@ class _Lane:
         """The dead worker's exit code (negative: the signal that killed it)."""
         if self._process is None:
             return None
-        self._process.join(timeout=1.0)
+        # A fork-server child's exit status can be read once only: a second
+        # reader gets end-of-file and records 255. loky's manager thread reads
+        # it while cleaning up the broken executor, so wait for that thread to
+        # finish (shutdown joins it) and take the status it read.
+        self._pool.shutdown(wait=True, kill_workers=True)
         code = self._process.exitcode
         return None if code is None else int(code)
 
