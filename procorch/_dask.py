@@ -61,7 +61,7 @@ from ._events import (
     StepRerun,
     StepStarted,
 )
-from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
 from ._protocol import _decode_frame, _Done, _Progress, _progress_frame
 
 __all__ = ["DaskBackend"]
@@ -446,10 +446,7 @@ class _DaskDispatch:
 
         spec = step.spec
         if not isinstance(exc, KilledWorker):
-            message = (
-                f"step {spec.task_id!r} (agent {spec.agent!r}) failed on the cluster: "
-                f"{type(exc).__name__}: {exc}"
-            )
+            message = f"{_describe(spec)} failed on the cluster: {type(exc).__name__}: {exc}"
             self._fail(index, step, "internal", message)
             return
         innocent = step.started is None or step.finished_once
@@ -469,12 +466,12 @@ class _DaskDispatch:
             return
         if innocent:
             message = (
-                f"step {spec.task_id!r} (agent {spec.agent!r}) could not run: Dask workers "
+                f"{_describe(spec)} could not run: Dask workers "
                 f"kept dying while it waited for one ({step.requeues + 1} times): {exc}"
             )
         else:
             message = (
-                f"step {spec.task_id!r} (agent {spec.agent!r}) crashed: the Dask worker "
+                f"{_describe(spec)} crashed: the Dask worker "
                 f"running it ({step.address}) died (a fatal signal, os._exit, or more "
                 f"memory than the worker's limit), and the scheduler gave up on it: {exc}"
             )
@@ -544,7 +541,7 @@ class _DaskDispatch:
                     self._stop_step(index)
                     spec = step.spec
                     message = (
-                        f"step {spec.task_id!r} (agent {spec.agent!r}) timed out: it ran for "
+                        f"{_describe(spec)} timed out: it ran for "
                         f"more than its {step.limit:g} s limit, so its Dask worker "
                         f"({step.address}) was restarted."
                     )
@@ -557,17 +554,11 @@ class _DaskDispatch:
             self._stop_step(index)
             kind: ErrorKind = "timeout" if why == "deadline" else "cancelled"
             what = "the call's time limit ran out" if why == "deadline" else "it was cancelled"
-            message = (
-                f"step {step.spec.task_id!r} (agent {step.spec.agent!r}) was stopped while "
-                f"running: {what}."
-            )
+            message = f"{_describe(step.spec)} was stopped while running: {what}."
             self._fail(index, step, kind, message)
         before = "the call's time limit ran out" if why == "deadline" else "the call was cancelled"
         for index in sorted(self.steps):
             step = self.steps[index]
-            message = (
-                f"step {step.spec.task_id!r} (agent {step.spec.agent!r}) did not run: {before} "
-                "before it started."
-            )
+            message = f"{_describe(step.spec)} did not run: {before} before it started."
             self._fail(index, step, "cancelled", message)
         self.todo.clear()

@@ -57,7 +57,7 @@ from ._events import (
     StepStarted,
 )
 from ._guards import CancelToken, RetryPolicy
-from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
 from ._pool import _engine, _Lane
 from ._protocol import _decode_frame, _Done, _Progress, _Retire, _Started
 
@@ -126,10 +126,6 @@ def _signal_name(exit_code: int | None) -> str | None:
         return signal.Signals(-exit_code).name
     except ValueError:
         return f"signal {-exit_code}"
-
-
-def _describe(spec: AgentStepSpec) -> str:
-    return f"step {spec.task_id!r} (agent {spec.agent!r})"
 
 
 def _crash_message(spec: AgentStepSpec, pid: int | None, exit_code: int | None) -> str:

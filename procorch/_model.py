@@ -136,3 +136,8 @@ class StepOutcome(msgspec.Struct, frozen=True, omit_defaults=True):
             success=False,
             error=error,
         )
+
+
+def _describe(spec: AgentStepSpec) -> str:
+    """How every message names a step: "step 'a' (agent 'b')"."""
+    return f"step {spec.task_id!r} (agent {spec.agent!r})"

@@ -9,7 +9,7 @@ from typing import Any, Unpack
 from ._call import EventTarget, Guards, check_step_timeouts_name_specs, checked_specs, prepare_call
 from ._errors import JournalSchemaError
 from ._journal import JournalStore, SqliteStore, spec_digest
-from ._model import AgentStepSpec, StepError, StepOutcome
+from ._model import AgentStepSpec, StepError, StepOutcome, _describe
 
 __all__ = ["execute_steps_parallel_resumable"]
 
@@ -86,7 +86,7 @@ def _run(
 
 def _cannot_resume(spec: AgentStepSpec, workflow_id: str, exc: JournalSchemaError) -> StepOutcome:
     message = (
-        f"step {spec.task_id!r} (agent {spec.agent!r}) did not run: workflow {workflow_id!r} "
+        f"{_describe(spec)} did not run: workflow {workflow_id!r} "
         f"cannot be resumed, because {exc}; it was left as it is, so that no completed "
         "work is repeated."
     )

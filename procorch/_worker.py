@@ -30,7 +30,7 @@ import loky.process_executor
 import msgspec
 
 from ._context import PACKAGE_DIR, release_server_in_worker
-from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
 from ._protocol import (
     _Done,
     _encode,
@@ -166,10 +166,6 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     if _loop is None or _loop.is_closed():
         _loop = asyncio.new_event_loop()
     return _loop
-
-
-def _describe(spec: AgentStepSpec) -> str:
-    return f"step {spec.task_id!r} (agent {spec.agent!r})"
 
 
 def _load_executor(token: int, blob: bytes | None) -> Any:
