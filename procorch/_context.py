@@ -19,9 +19,12 @@ there is no fork server (Windows), workers start loky's way.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import io
 import os
+import signal
+import sys
 from typing import Any
 
 from loky.backend import get_context
@@ -112,6 +115,29 @@ def stop_server() -> None:
     if _started_server:
         _forkserver._forkserver._stop()
         _started_server = False
+
+
+def prepare_worker() -> None:
+    """In a new worker: let go of the fork server and arrange to die with the caller."""
+    release_server_in_worker()
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when its parent process dies.
+
+    The parent is the fork server, which exits when the caller's process
+    does, however that process dies (SIGKILL included): without this, a
+    worker would finish its step (and its step's side effects) for nobody.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def release_server_in_worker() -> None:

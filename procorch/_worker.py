@@ -13,11 +13,9 @@ without an outcome frame is the death of the process.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import faulthandler
 import inspect
 import os
-import signal
 import sys
 import threading
 import time
@@ -29,7 +27,7 @@ import cloudpickle
 import loky.process_executor
 import msgspec
 
-from ._context import PACKAGE_DIR, release_server_in_worker
+from ._context import PACKAGE_DIR, prepare_worker
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
 from ._protocol import (
     _Done,
@@ -73,8 +71,7 @@ def _init(
     # lanes opt out: procorch replaces workers itself (see the memory cap).
     loky.process_executor._MAX_MEMORY_LEAK_SIZE = 2**62
     os.setpgid(0, 0)
-    release_server_in_worker()
-    _die_with_parent()
+    prepare_worker()
     _channel = channel
     _crash_channel = crash_channel  # kept referenced: its fd must stay open
     _capture_path = capture_path
@@ -106,23 +103,6 @@ def _capture(on: bool) -> None:
 def _send(frame: bytes) -> None:
     assert _channel is not None, "worker used before _init"
     _write_frame(_channel.fileno(), frame)
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel SIGKILL this worker when its parent process dies.
-
-    The parent is the fork server, which exits when the caller's process
-    does, however that process dies (SIGKILL included): without this, a
-    worker would finish its step (and its step's side effects) for nobody.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 class _ChannelSink:
