@@ -2,7 +2,7 @@
 
 The barrier, the pipeline, the loop and the resumable run all take the same
 executor, events target and guards; this module turns them into a ready
-``_Dispatch`` or a clear error naming what is wrong.
+``StepLifecycle`` on its backend, or a clear error naming what is wrong.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from typing import Any, TypedDict
 import cloudpickle
 import msgspec
 
-from ._dispatcher import _CallOptions, _Dispatch
 from ._errors import ExecutorError, InvalidSpecError
 from ._events import Event
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS
 from ._guards import CancelToken, RetryPolicy
+from ._lifecycle import StepLifecycle
+from ._local import LocalBackend
 from ._model import AgentStepSpec, StepOutcome
+from ._options import CallOptions
 from ._pool import _engine
 from ._schema import check_output_schema
 
@@ -52,7 +54,7 @@ class _Call:
         limit: int,
         blob: bytes,
         emit: Callable[[Event], Any] | None,
-        options: _CallOptions,
+        options: CallOptions,
         backend: Any = None,
     ) -> None:
         self.limit = limit
@@ -73,9 +75,8 @@ class _Call:
             return _DaskDispatch(
                 self.backend, self.blob, self.emit, self.options, on_outcome, keep_outcomes
             )
-        return _Dispatch(
-            self.blob, _engine.next_token(), self.emit, self.options, on_outcome, keep_outcomes
-        )
+        backend = LocalBackend(self.blob, _engine.next_token(), self.options)
+        return StepLifecycle(backend, self.emit, self.options, on_outcome, keep_outcomes)
 
 
 def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _Call:
@@ -172,7 +173,7 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number > 0 (got {value!r})")
 
 
-def _call_options(guards: Guards) -> _CallOptions:
+def _call_options(guards: Guards) -> CallOptions:
     unknown = set(guards) - set(Guards.__annotations__)  # "backend" is read by _backend
     if unknown:
         raise TypeError(f"unknown guard {sorted(unknown)[0]!r}")
@@ -196,7 +197,7 @@ def _call_options(guards: Guards) -> _CallOptions:
     cancel = guards.get("cancel")
     if cancel is not None and not isinstance(cancel, CancelToken):
         raise TypeError(f"cancel must be a CancelToken (got {type(cancel).__name__})")
-    return _CallOptions(
+    return CallOptions(
         step_timeout=step_timeout,
         step_timeouts=step_timeouts,
         call_timeout=call_timeout,

@@ -41,7 +41,6 @@ steps to make it 2).
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import queue
 import threading
@@ -52,7 +51,6 @@ from typing import Any
 
 import msgspec
 
-from ._dispatcher import _WakePipe
 from ._events import (
     Event,
     StepCrashed,
@@ -62,11 +60,11 @@ from ._events import (
     StepStarted,
 )
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
-from ._protocol import _decode_frame, _Done, _Progress, _progress_frame
+from ._protocol import Done, Progress, decode_frame, encode, progress_frame
+from ._wake import WakePipe
 
 __all__ = ["DaskBackend"]
 
-_tokens = itertools.count(1)
 
 # A step that Dask failed (KilledWorker) without it ever being seen to start
 # is run again, this many times at most, before it is failed itself.
@@ -126,7 +124,7 @@ class _DaskSink:
         self._open = True
 
     def emit(self, data: Any) -> None:
-        frame = _progress_frame(data)
+        frame = progress_frame(self._index, 0, data)
         with self._lock:
             if not self._open:
                 return
@@ -140,12 +138,12 @@ class _DaskSink:
 
 
 def _run_on_worker(
-    token: int, blob: bytes, spec_bytes: bytes, index: int, topic: str
+    token: str, blob: bytes, spec_bytes: bytes, index: int, topic: str
 ) -> tuple[bytes, list[bytes]]:
     """One step on a Dask worker: the done frame, and every progress frame it emitted."""
     from distributed import Queue, get_worker
 
-    from ._worker import _decode_spec, _done_frame, _run
+    from ._worker import _decode_spec, run_step
 
     worker = get_worker()
     # The start is told synchronously (the scheduler holds it before the step
@@ -155,11 +153,9 @@ def _run_on_worker(
     starts.put({"i": index, "start": os.getpid(), "w": worker.address})  # type: ignore[no-untyped-call]
     spec = _decode_spec(spec_bytes)
     sink = _DaskSink(topic, index)
-    start = time.perf_counter()
-    outcome = _run(spec, token, blob, sink)  # type: ignore[arg-type]
-    duration = time.perf_counter() - start
+    outcome, duration = run_step(spec, token, blob, sink)
     sink.close()
-    return _done_frame(spec, outcome, duration), sink.frames
+    return encode(Done(index, 0, outcome, duration)), sink.frames
 
 
 # -- in the caller ------------------------------------------------------------------
@@ -210,7 +206,7 @@ class _DaskDispatch:
     ) -> None:
         self.backend = backend
         self.blob = blob
-        self.token = next(_tokens) + (os.getpid() << 20)
+        self.token = uuid.uuid4().hex
         self.emit = emit
         self.options = options
         self.on_outcome = on_outcome
@@ -225,7 +221,7 @@ class _DaskDispatch:
         self.deadline: float | None = None
         self.topic = f"procorch-{uuid.uuid4().hex}"
         self._news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = _WakePipe()
+        self._wake = WakePipe()
         self._client: Any = None
         self._owns_client = False
         self._closed = False  # tells the start listener to stop
@@ -415,8 +411,8 @@ class _DaskDispatch:
 
     def _emit_progress(self, index: int, step: _DaskStep, frame: bytes) -> None:
         if self.emit is not None:
-            progress = _decode_frame(frame)
-            assert isinstance(progress, _Progress)
+            progress = decode_frame(frame)
+            assert isinstance(progress, Progress)
             self.emit(StepProgress(index, step.spec.task_id, step.attempts, progress.data))
 
     def _on_done(self, index: int) -> None:
@@ -437,8 +433,8 @@ class _DaskDispatch:
                 self.emit(StepStarted(index, step.spec.task_id, step.attempts, step.spec.agent, 0))
         for frame_bytes in progress[step.delivered :]:
             self._emit_progress(index, step, frame_bytes)
-        done = _decode_frame(frame)
-        assert isinstance(done, _Done)
+        done = decode_frame(frame)
+        assert isinstance(done, Done)
         self._settle(index, step, done.outcome, done.duration)
 
     def _on_failed_task(self, index: int, step: _DaskStep, exc: BaseException) -> None:

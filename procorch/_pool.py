@@ -26,6 +26,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import uuid
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -34,8 +35,10 @@ import loky
 import psutil
 
 from . import _worker
+from ._capture import read_tail
 from ._context import PACKAGE_DIR, stop_server, worker_context
-from ._protocol import _FrameReader, _read_tail, _tree_rss
+from ._procinfo import tree_rss
+from ._protocol import FrameReader
 
 
 class _Lane:
@@ -44,7 +47,7 @@ class _Lane:
     def __init__(self, capture_path: str) -> None:
         context = worker_context()
         self.channel, channel_writer = context.Pipe(duplex=False)
-        self.frames = _FrameReader(self.channel.fileno())
+        self.frames = FrameReader(self.channel.fileno())
         self._crash_reader, crash_writer = context.Pipe(duplex=False)
         # The parent drops its copies of the write ends once the worker holds
         # its own, so the worker's death reads as end-of-file on both pipes.
@@ -58,7 +61,7 @@ class _Lane:
             timeout=None,
         )
         self._process: Any = None
-        self.executor_token: int | None = None
+        self.executor_token: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -66,9 +69,9 @@ class _Lane:
 
     def submit(
         self,
-        token: int,
+        token: str,
         blob: bytes,
-        chunk: list[bytes],
+        chunk: list[tuple[int, int, bytes]],
         capture: bool,
         retire_above: int | None,
     ) -> Future[None]:
@@ -110,11 +113,11 @@ class _Lane:
 
     def printed(self) -> str:
         """The end of what the lane's current step wrote to fds 1 and 2."""
-        return _read_tail(self.capture_path)
+        return read_tail(self.capture_path)
 
     def memory(self) -> int:
         """Resident bytes of the worker and every process its steps started."""
-        return 0 if self._process is None else _tree_rss(self._process.pid)
+        return 0 if self._process is None else tree_rss(self._process.pid)
 
     def _kill_group(self) -> None:
         """SIGKILL the worker's process group: the worker and what its steps started."""
@@ -149,13 +152,12 @@ class _Engine:
     def __init__(self) -> None:
         self._idle: list[_Lane] = []
         self._lock = threading.Lock()
-        self._tokens = itertools.count(1)
         self._lane_numbers = itertools.count(1)
         self._scratch: str | None = None  # a directory for the lanes' capture files
 
-    def next_token(self) -> int:
-        """A fresh id for one call's executor, so each worker unpickles it once."""
-        return next(self._tokens)
+    def next_token(self) -> str:
+        """A fresh random id for one call's executor, so each worker unpickles it once."""
+        return uuid.uuid4().hex
 
     def new_lane(self) -> _Lane:
         with self._lock:

@@ -1,12 +1,15 @@
 """The frames a worker writes on its lane's channel, and their codec.
 
-Each lane has its own one-way pipe from its worker to the parent. For every
-step the worker writes ``_Started``, then any number of ``_Progress``, then
-``_Done``; between steps it may write ``_Retire`` instead of starting the
-next one, when it has grown too large to keep. A pipe carries one writer's
-frames in order, so the parent never sees a step's progress after its
-outcome, and a worker that dies mid-write can only spoil its own lane's
-channel, which dies with it.
+Every frame names the step it concerns: ``step`` (the dispatch's index of
+the step) and ``attempt`` (the attempt number it runs as). For every step
+the worker writes ``Started``, then any number of ``Progress``, then
+``Done``; instead of starting a step it may write ``Retire`` (naming the step
+it declines), when it has grown too large to keep. The parent matches every
+frame against what it sent the lane; a frame it did not expect, or cannot
+decode, is a protocol fault (the lane is stopped, the step it concerns fails
+saying so), never a guess. A pipe carries one writer's frames in order, and
+a worker that dies mid-write can only spoil its own lane's channel, which
+dies with it.
 """
 
 from __future__ import annotations
@@ -17,40 +20,61 @@ from typing import Any
 
 import msgspec
 
+from ._messages import safe_text
 from ._model import StepOutcome
 
 
-class _Started(msgspec.Struct, tag="s", array_like=True):
+class Started(msgspec.Struct, tag="s", array_like=True):
+    """The worker begins ``step``; ``at`` is its ``time.monotonic()`` at that instant.
+
+    On Linux and macOS that clock is the same for every process of the
+    machine, so the parent counts a time limit from where the step ran,
+    whenever it reads this frame.
+    """
+
+    step: int
+    attempt: int
     pid: int
+    at: float
 
 
-class _Progress(msgspec.Struct, tag="p", array_like=True):
+class Progress(msgspec.Struct, tag="p", array_like=True):
+    step: int
+    attempt: int
     data: Any
 
 
-class _Done(msgspec.Struct, tag="d", array_like=True):
+class Done(msgspec.Struct, tag="d", array_like=True):
+    """The step is over; ``duration`` is measured in the worker."""
+
+    step: int
+    attempt: int
     outcome: StepOutcome
     duration: float
 
 
-class _Retire(msgspec.Struct, tag="r", array_like=True):
-    """The worker grew past the call's recycle threshold and stopped taking steps."""
+class Retire(msgspec.Struct, tag="r", array_like=True):
+    """The worker grew past the call's recycle threshold and declines ``step`` and the rest."""
 
+    step: int
+    attempt: int
     rss: int
 
 
-_Frame = _Started | _Progress | _Done | _Retire
+Frame = Started | Progress | Done | Retire
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode_frame = msgspec.msgpack.Decoder(_Frame).decode
+encode = msgspec.msgpack.Encoder().encode
+decode_frame = msgspec.msgpack.Decoder(Frame).decode
 
 
-def _progress_frame(data: Any) -> bytes:
+def progress_frame(step: int, attempt: int, data: Any) -> bytes:
     """An event sink's frame for ``data``, or a TypeError naming the trouble."""
     try:
-        return _encode(_Progress(data))
-    except TypeError as exc:
-        raise TypeError(f"event data must be encodable by msgspec: {exc}") from None
+        return encode(Progress(step, attempt, data))
+    except Exception as exc:  # TypeError, OverflowError, UnicodeEncodeError, RecursionError...
+        raise TypeError(
+            f"event data must be encodable by msgspec: {type(exc).__name__}: {safe_text(exc)}"
+        ) from None
 
 
 # On the pipe, each frame is its length (4 bytes, little-endian) then its bytes.
@@ -58,7 +82,7 @@ _LENGTH = struct.Struct("<I")
 _READ_SIZE = 1 << 16
 
 
-def _write_frame(fd: int, payload: bytes) -> None:
+def write_frame(fd: int, payload: bytes) -> None:
     """Write one frame to ``fd`` (blocking until all of it is in the pipe)."""
     view = memoryview(_LENGTH.pack(len(payload)) + payload)
     while view:
@@ -83,7 +107,7 @@ def _shrink_pipe(fd: int) -> None:
         pass
 
 
-class _FrameReader:
+class FrameReader:
     """Reads whole frames from a pipe without ever blocking.
 
     The parent reads whatever the pipe holds in 64 KiB gulps (one system call
@@ -125,61 +149,3 @@ class _FrameReader:
             start = end
         del buffer[:start]
         return frames
-
-
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants (0 if it is gone).
-
-    Reads /proc directly on Linux (tens of microseconds a process); elsewhere
-    psutil, whose search for children scans every process on the machine.
-    """
-    if not _HAVE_PROC_CHILDREN:
-        return _tree_rss_psutil(pid)
-    total = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            with open(f"/proc/{current}/statm", "rb") as statm:
-                total += int(statm.read().split()[1]) * _PAGE_SIZE
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children", "rb") as children:
-                    pending.extend(int(child) for child in children.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # it exited while we looked
-    return total
-
-
-def _tree_rss_psutil(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        total = int(root.memory_info().rss)
-        for child in root.children(recursive=True):
-            try:
-                total += int(child.memory_info().rss)
-            except psutil.NoSuchProcess:
-                pass
-        return total
-    except psutil.NoSuchProcess:
-        return 0
-
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_HAVE_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
-
-# How much of what a step printed a failed outcome keeps: the end, where the
-# error usually is.
-_PRINTED_TAIL_BYTES = 4096
-
-
-def _read_tail(path: str) -> str:
-    """The last _PRINTED_TAIL_BYTES of a capture file, as text ('' if absent)."""
-    try:
-        with open(path, "rb") as captured:
-            size = captured.seek(0, os.SEEK_END)
-            captured.seek(max(0, size - _PRINTED_TAIL_BYTES))
-            return captured.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""

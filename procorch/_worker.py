@@ -5,9 +5,14 @@ it makes the worker the leader of a new process group (so everything a step
 starts can be killed with it), keeps the lane's channel, and points
 faulthandler at the lane's crash pipe, so a fatal signal leaves a Python
 traceback the parent can read. ``run_steps`` runs a chunk of steps one after
-the other and reports each as frames on the channel (see ``_protocol``); it
-never raises, whatever the executor does, so the only way a started step ends
-without an outcome frame is the death of the process.
+the other and reports each as frames on the channel, every frame naming its
+step and attempt (see ``_protocol``). Whatever the executor does, and
+whatever goes wrong turning its result, its exception or its printed output
+into a report (a user ``__str__`` that raises, an int beyond 64 bits, a lone
+surrogate, a list that contains itself), the step ends in a ``Done`` frame
+with a labelled failure and the worker goes on with the next step; the only
+way a started step ends without one is the death of the process, or a step
+that broke the channel itself.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,18 +33,12 @@ import cloudpickle
 import loky.process_executor
 import msgspec
 
+from ._capture import read_tail
 from ._context import PACKAGE_DIR, prepare_worker
+from ._messages import executor_not_rebuilt, safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
-from ._protocol import (
-    _Done,
-    _encode,
-    _progress_frame,
-    _read_tail,
-    _Retire,
-    _Started,
-    _tree_rss,
-    _write_frame,
-)
+from ._procinfo import tree_rss
+from ._protocol import Done, Retire, Started, encode, progress_frame, write_frame
 from ._schema import structured_violation
 
 _channel: Connection | None = None
@@ -46,7 +46,7 @@ _crash_channel: Connection | None = None
 _capture_fd: int | None = None  # the lane's capture file, once opened
 _saved_std_fds: tuple[int, int] | None = None  # fds 1 and 2 from before capture
 _capture_path: str = ""
-_executor_token: int | None = None
+_executor_token: str | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
 _retired = False  # this worker grew too large and takes no more steps
@@ -78,19 +78,39 @@ def _init(
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
 
 
+def _flush_std_streams() -> None:
+    """Flush Python's stdout and stderr, whatever a step did to them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # closed, replaced by an object whose flush raises...
+            pass
+
+
+def _repair_std_streams() -> None:
+    """Give the next step working ``sys.stdout``/``sys.stderr`` if a step closed or dropped them."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        stream = getattr(sys, name)
+        if stream is None or getattr(stream, "closed", False) is True:
+            try:
+                setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
+            except OSError:
+                pass
+
+
 def _capture(on: bool) -> None:
     """Point fds 1 and 2 at the lane's capture file, emptied, or back where they were."""
     global _capture_fd, _saved_std_fds
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    _flush_std_streams()
     if on:
         if _capture_fd is None:
             _capture_fd = os.open(_capture_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if _saved_std_fds is None:
             _saved_std_fds = (os.dup(1), os.dup(2))
-            os.dup2(_capture_fd, 1)
-            os.dup2(_capture_fd, 2)
+        # Every step: the one before may have closed or moved fds 1 and 2.
+        os.dup2(_capture_fd, 1)
+        os.dup2(_capture_fd, 2)
         os.ftruncate(_capture_fd, 0)
     elif _saved_std_fds is not None:
         os.dup2(_saved_std_fds[0], 1)
@@ -102,20 +122,22 @@ def _capture(on: bool) -> None:
 
 def _send(frame: bytes) -> None:
     assert _channel is not None, "worker used before _init"
-    _write_frame(_channel.fileno(), frame)
+    write_frame(_channel.fileno(), frame)
 
 
 class _ChannelSink:
-    """The event sink handed to the executor; closed once the step is over."""
+    """The event sink handed to the executor for one step; closed once the step is over."""
 
-    __slots__ = ("_lock", "_open")
+    __slots__ = ("_attempt", "_lock", "_open", "_step")
 
-    def __init__(self) -> None:
+    def __init__(self, step: int, attempt: int) -> None:
+        self._step = step
+        self._attempt = attempt
         self._lock = threading.Lock()
         self._open = True
 
     def emit(self, data: Any) -> None:
-        frame = _progress_frame(data)
+        frame = progress_frame(self._step, self._attempt, data)
         with self._lock:
             if self._open:
                 _send(frame)
@@ -130,14 +152,21 @@ class _ChannelSink:
 def _failure(
     spec: AgentStepSpec, kind: ErrorKind, message: str, exc: BaseException | None
 ) -> StepOutcome:
+    """A failed outcome that always encodes: every text in it is made safe."""
+    tb = None
+    if exc is not None:
+        try:
+            tb = safe_text("".join(traceback.format_exception(exc)))
+        except BaseException as format_error:  # a pathological exception object
+            tb = f"(the traceback could not be formatted: {type(format_error).__name__})"
     error = StepError(
         kind=kind,
-        message=message,
-        exception_type=None if exc is None else type(exc).__qualname__,
-        traceback=None if exc is None else "".join(traceback.format_exception(exc)),
+        message=safe_text(message),
+        exception_type=None if exc is None else safe_text(type(exc).__qualname__),
+        traceback=tb,
         pid=os.getpid(),
     )
-    return StepOutcome.failed(spec.task_id, spec.agent, message, error)
+    return StepOutcome.failed(safe_text(spec.task_id), safe_text(spec.agent), error.message, error)
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -148,8 +177,13 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def _load_executor(token: int, blob: bytes | None) -> Any:
-    """The call's executor, unpickled on the first step of each call only."""
+def _load_executor(token: str, blob: bytes | None) -> Any:
+    """The call's executor, unpickled on the first step of each call only.
+
+    An executor that cannot be rebuilt fails every step of the call with the
+    same error; it is kept as that error's text, not re-raised (a re-raised
+    exception would grow its traceback with every step).
+    """
     global _executor_token, _executor, _executor_error
     if token != _executor_token:
         _executor, _executor_error, _executor_token = None, None, token
@@ -159,21 +193,17 @@ def _load_executor(token: int, blob: bytes | None) -> Any:
             _executor = cloudpickle.loads(blob)
         except BaseException as exc:
             _executor_error = exc
-    if _executor_error is not None:
-        raise _executor_error
     return _executor
 
 
-def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink) -> StepOutcome:
-    try:
-        executor = _load_executor(token, blob)
-    except BaseException as exc:
+def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> StepOutcome:
+    executor = _load_executor(token, blob)
+    if _executor_error is not None:
         return _failure(
             spec,
             "serialization",
-            f"{_describe(spec)} did not run: its executor could not be rebuilt in "
-            f"the worker process: {type(exc).__name__}: {exc}",
-            exc,
+            executor_not_rebuilt(spec, _executor_error),
+            _executor_error,
         )
     try:
         result = executor.execute_step(spec, sink)
@@ -181,7 +211,10 @@ def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink
             result = _event_loop().run_until_complete(result)
     except BaseException as exc:
         return _failure(
-            spec, "exception", f"{_describe(spec)} raised {type(exc).__name__}: {exc}", exc
+            spec,
+            "exception",
+            f"{_describe(spec)} raised {type(exc).__name__}: {safe_text(exc)}",
+            exc,
         )
     if not isinstance(result, StepOutcome):
         return _failure(
@@ -207,62 +240,102 @@ def _run(spec: AgentStepSpec, token: int, blob: bytes | None, sink: _ChannelSink
     return result
 
 
-def _done_frame(spec: AgentStepSpec, outcome: StepOutcome, duration: float) -> bytes:
-    """The step's outcome as a frame the parent can read, or a failure saying why not."""
+def _sendable(spec: AgentStepSpec, outcome: StepOutcome) -> StepOutcome:
+    """The outcome if the parent can read it back, else a failure naming the field at fault."""
     try:
-        _decode_outcome(_encode(outcome))
-        return _encode(_Done(outcome, duration))
-    except TypeError as exc:
-        kind: ErrorKind = "serialization"
-        message = f"{_describe(spec)} returned an outcome that cannot be sent back: {exc}"
+        _decode_outcome(encode(outcome))
+        return outcome
     except msgspec.ValidationError as exc:
-        kind = "invalid_result"
-        message = f"{_describe(spec)} returned a malformed StepOutcome: {exc}"
-    return _encode(_Done(_failure(spec, kind, message, None), duration))
+        return _failure(
+            spec,
+            "invalid_result",
+            f"{_describe(spec)} returned a malformed StepOutcome: {safe_text(exc)}",
+            None,
+        )
+    except Exception as exc:  # TypeError, OverflowError, UnicodeEncodeError, RecursionError...
+        field = _unsendable_field(outcome)
+        where = f" (its {field})" if field else ""
+        return _failure(
+            spec,
+            "serialization",
+            f"{_describe(spec)} returned an outcome that cannot be sent back{where}: "
+            f"{type(exc).__name__}: {safe_text(exc)}",
+            None,
+        )
+
+
+def _unsendable_field(outcome: StepOutcome) -> str | None:
+    for field in outcome.__struct_fields__:
+        try:
+            encode(getattr(outcome, field))
+        except Exception:
+            return field
+    return None
+
+
+def run_step(
+    spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any
+) -> tuple[StepOutcome, float]:
+    """Run one step; the outcome (always one the parent can decode) and its duration.
+
+    Never raises: any failure, the executor's or one while turning its result
+    into a report, is the step's labelled failure.
+    """
+    start = time.perf_counter()
+    try:
+        outcome = _sendable(spec, _run(spec, token, blob, sink))
+    except BaseException as exc:  # e.g. a RecursionError while formatting a report
+        outcome = _failure(
+            spec,
+            "serialization",
+            f"{_describe(spec)} failed while procorch reported it: {type(exc).__name__}: "
+            f"{safe_text(exc)}",
+            exc,
+        )
+    return outcome, time.perf_counter() - start
 
 
 def run_steps(
-    token: int,
+    token: str,
     blob: bytes | None,
-    chunk: list[bytes],
+    chunk: Sequence[tuple[int, int, bytes]],
     capture: bool,
     retire_above: int | None,
 ) -> None:
-    """Run a chunk of steps in order, reporting each on the channel; never raises.
+    """Run a chunk of (step, attempt, spec bytes) in order, reporting each on the channel.
 
     With ``retire_above``, the worker checks its memory before each step and
     stops taking steps once it (with its children) holds more than that: it
-    writes ``_Retire`` and the parent replaces it, failing nothing.
+    writes ``Retire`` and the parent replaces it, failing nothing. Raises only
+    when the channel itself is broken (a step closed it, say): then nothing
+    more can be reported and the parent stops the lane.
     """
     global _retired
     assert _channel is not None, "worker used before _init"
     if not capture:
         _capture(False)
-    for spec_bytes in chunk:
+    for step, attempt, spec_bytes in chunk:
         if retire_above is not None and not _retired:
-            _retired = _tree_rss(os.getpid()) > retire_above
+            _retired = tree_rss(os.getpid()) > retire_above
         if _retired:
-            _send(_encode(_Retire(_tree_rss(os.getpid()))))
+            _send(encode(Retire(step, attempt, tree_rss(os.getpid()))))
             return
+        _repair_std_streams()
         if capture:
             _capture(True)
-        _send(_encode(_Started(os.getpid())))
+        _send(encode(Started(step, attempt, os.getpid(), time.monotonic())))
         spec = _decode_spec(spec_bytes)
-        sink = _ChannelSink()
-        start = time.perf_counter()
-        outcome = _run(spec, token, blob, sink)
-        duration = time.perf_counter() - start
+        sink = _ChannelSink(step, attempt)
+        outcome, duration = run_step(spec, token, blob, sink)
         blob = None  # unpickled with the first step; the rest reuse it
         if capture and outcome.error is not None:
             outcome = _with_printed(outcome)
-        sink.close_with(_done_frame(spec, outcome, duration))
+        sink.close_with(encode(Done(step, attempt, outcome, duration)))
 
 
 def _with_printed(outcome: StepOutcome) -> StepOutcome:
     """The failed outcome with the end of what its step printed."""
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    _flush_std_streams()
     assert outcome.error is not None
-    error = msgspec.structs.replace(outcome.error, printed=_read_tail(_capture_path))
+    error = msgspec.structs.replace(outcome.error, printed=read_tail(_capture_path))
     return msgspec.structs.replace(outcome, error=error)

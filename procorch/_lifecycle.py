@@ -1,0 +1,511 @@
+"""The step lifecycle: one owner for every step's states, whatever backend runs it.
+
+A step moves through these states, and only the lifecycle moves it::
+
+    queued --take--> sent --started--> running --finished--> (outcome)
+      ^  ^             |                  |  \\--crashed / failed / timed out
+      |  +--gave back--+                  |           |
+      |    (never began: no attempt       |     retry policy?
+      |     charged)                      |      yes: waiting (backoff) --> queued
+      +-----------------------------------+      no:  (outcome)
+
+The backend (``_backend``) moves work and reports facts, each naming the step
+and attempt it concerns; the lifecycle decides what they mean: retries with
+backoff, time limits (counted from the instant the worker started the step,
+by the worker's clock, and judged only after every report that had arrived
+was read), the call's deadline, cancellation, SIGTERM unwinding, the failure
+sentences (``_messages``), and the events. For every step that started, the
+events are::
+
+    StepStarted -> StepProgress* -> [StepCrashed] -> StepFinished
+                                                 \\-> StepRerun -> StepStarted ...
+
+ending in exactly one ``StepFinished`` whatever the path (a step stopped
+while waiting for a retry included); a step that never started has no
+events, and its outcome says why. Events and outcome hooks are queued while
+reports are read and handed to the caller at the end of each turn, so a slow
+or raising consumer delays delivery but never changes an outcome.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from types import FrameType
+from typing import Any
+
+import msgspec
+
+from . import _messages
+from ._backend import StepBackend, StopFacts
+from ._events import Event, StepCrashed, StepFinished, StepProgress, StepRerun, StepStarted
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._options import CallOptions
+from ._wake import WakePipe
+
+__all__ = ["StepLifecycle", "StepRecord"]
+
+# A step whose workers die (or freeze) before it begins costs nothing; past
+# this many such deaths in a row the step fails, since something kills every
+# worker it is sent to.
+MAX_UNSTARTED_DEATHS = 3
+
+QUEUED, SENT, RUNNING, WAITING = "queued", "sent", "running", "waiting"
+
+
+class StepRecord:
+    """What the lifecycle knows of one unfinished step; dropped when it ends."""
+
+    __slots__ = (
+        "attempts",
+        "data",
+        "limit",
+        "pid",
+        "spec",
+        "started_at",
+        "state",
+        "unstarted_deaths",
+    )
+
+    def __init__(self, spec: AgentStepSpec, data: bytes, limit: float | None) -> None:
+        self.spec = spec
+        self.data = data  # its wire bytes
+        self.limit = limit  # seconds, or None
+        self.state = QUEUED
+        self.attempts = 0  # times it was started
+        self.started_at: float | None = None  # the worker's clock at the running attempt's start
+        self.pid: int | None = None
+        self.unstarted_deaths = 0  # workers that died or froze before it could start
+
+
+class StepLifecycle:
+    """One call's steps, from ``add`` to their outcomes, on one backend."""
+
+    def __init__(
+        self,
+        backend: StepBackend,
+        emit: Callable[[Event], Any] | None,
+        options: CallOptions,
+        on_outcome: Callable[[int, StepOutcome], None] | None = None,
+        keep_outcomes: bool = True,
+    ) -> None:
+        self.backend = backend
+        self.emit = emit
+        self.options = options
+        self.on_outcome = on_outcome
+        # Unfinished steps by index. A finished step leaves nothing behind but,
+        # with keep_outcomes, its outcome: a stream of a million steps runs in
+        # constant memory.
+        self.steps: dict[int, StepRecord] = {}
+        self.outcomes: dict[int, StepOutcome] | None = {} if keep_outcomes else None
+        self.next_index = 0
+        self.remaining = 0
+        self.stopping = False  # cancelled or out of time: no new steps
+        self._queue: collections.deque[int] = collections.deque()
+        self._delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
+        self._running: dict[int, StepRecord] = {}
+        self._outbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self.deadline: float | None = None
+        self._wake = WakePipe()
+        self._previous_sigterm: Any = None
+        self._opened = False
+
+    # -- the entry points' side ---------------------------------------------------
+
+    def add(self, spec: AgentStepSpec, data: bytes) -> int:
+        """Queue a checked spec (and its wire bytes); returns its index."""
+        index = self.next_index
+        self.next_index += 1
+        limit = self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
+        self.steps[index] = StepRecord(spec, data, limit)
+        self.remaining += 1
+        self._queue.append(index)
+        return index
+
+    def run(self, slots: int) -> None:
+        """Run until every added step (including those added meanwhile) has an outcome."""
+        self.open(slots)
+        try:
+            while self.remaining:
+                self.turn()
+        finally:
+            self.close()
+
+    def open(self, slots: int) -> None:
+        """Arm the guards and open the backend; ``turn`` until done, then ``close``."""
+        if self.options.call_timeout is not None:
+            self.deadline = time.monotonic() + self.options.call_timeout
+        self._opened = True
+        if self.options.cancel is not None:
+            self.options.cancel._listen(self.wake)
+        self._previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
+        self.backend.open(self, slots)
+
+    def turn(self) -> None:
+        """Start what can start, wait for news or a timer, read it all, judge, deliver."""
+        if not self.stopping:
+            self._release_delayed(time.monotonic())
+            self.backend.start_ready()
+        self._wait()
+        now = time.monotonic()  # before reading: a verdict never rests on unread news
+        self.backend.poll()
+        self._judge(now)
+        self._deliver()
+
+    def close(self) -> None:
+        """Close the backend (killing whatever still runs) and disarm the guards."""
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        if self.options.cancel is not None:
+            self.options.cancel._forget(self.wake)
+        try:
+            if self._opened:
+                self.backend.close()
+        finally:
+            self._wake.close()
+
+    def wake(self, *_: object) -> None:
+        """Interrupt the current wait, from any thread (steps added, a cancel, a backend's news)."""
+        self._wake.poke()
+
+    # -- the backend's side: work to send ---------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """How many steps wait to be sent."""
+        return len(self._queue)
+
+    def take(self, count: int) -> list[int]:
+        """Up to ``count`` queued steps, now marked sent; none once the call is stopping."""
+        if self.stopping:
+            return []
+        taken: list[int] = []
+        queue = self._queue
+        while queue and len(taken) < count:
+            index = queue.popleft()
+            self.steps[index].state = SENT
+            taken.append(index)
+        return taken
+
+    def data(self, index: int) -> bytes:
+        return self.steps[index].data
+
+    def spec(self, index: int) -> AgentStepSpec:
+        return self.steps[index].spec
+
+    def attempt(self, index: int) -> int:
+        """The attempt number a sent step runs as (its running attempt once started)."""
+        record = self.steps[index]
+        return record.attempts if record.state == RUNNING else record.attempts + 1
+
+    # -- the backend's side: facts ------------------------------------------------------
+
+    def _current(self, index: int, attempt: int, state: str) -> StepRecord | None:
+        record = self.steps.get(index)
+        if record is None or record.state != state:
+            return None
+        expected = record.attempts if state == RUNNING else record.attempts + 1
+        return record if attempt == expected else None
+
+    def started(self, index: int, attempt: int, pid: int, at: float) -> bool:
+        """A worker began the step at ``at`` (its own monotonic clock)."""
+        record = self._current(index, attempt, SENT)
+        if record is None:
+            return False
+        record.state = RUNNING
+        record.attempts = attempt
+        record.started_at = at
+        record.pid = pid
+        record.unstarted_deaths = 0
+        self._running[index] = record
+        if self.emit is not None:
+            spec = record.spec
+            self._post(self.emit, StepStarted(index, spec.task_id, attempt, spec.agent, pid))
+        return True
+
+    def progress(self, index: int, attempt: int, data: Any) -> bool:
+        record = self._current(index, attempt, RUNNING)
+        if record is None:
+            return False
+        if self.emit is not None:
+            self._post(self.emit, StepProgress(index, record.spec.task_id, attempt, data))
+        return True
+
+    def finished(self, index: int, attempt: int, outcome: StepOutcome, duration: float) -> bool:
+        """The step's attempt ended with ``outcome`` after ``duration`` s (the worker's measure)."""
+        if self._current(index, attempt, RUNNING) is None:
+            return False
+        self._settle(index, outcome, duration)
+        return True
+
+    def crashed(
+        self,
+        index: int,
+        attempt: int,
+        *,
+        pid: int | None,
+        exit_code: int | None,
+        dump: str = "",
+        printed: str | None = None,
+        message: str | None = None,
+    ) -> bool:
+        """The worker died while running the step: the step is the culprit."""
+        record = self._current(index, attempt, RUNNING)
+        if record is None:
+            return False
+        spec = record.spec
+        name = _messages.signal_name(exit_code)
+        if self.emit is not None:
+            self._post(self.emit, StepCrashed(index, spec.task_id, attempt, pid, exit_code, name))
+        error = StepError(
+            kind="crash",
+            message=message or _messages.crash(spec, pid, exit_code),
+            traceback=dump or None,
+            exit_code=exit_code,
+            signal=name,
+            pid=pid,
+            printed=None if printed is None else printed + dump,
+        )
+        self._fail(index, error, self._ran_for(record))
+        return True
+
+    def failed(self, index: int, attempt: int, error: StepError) -> bool:
+        """The running step failed by a backend's verdict (memory cap, protocol fault)."""
+        record = self._current(index, attempt, RUNNING)
+        if record is None:
+            return False
+        self._fail(index, error, self._ran_for(record))
+        return True
+
+    def gave_back(
+        self,
+        indices: list[int],
+        *,
+        death: tuple[int | None, int | None, str] | None = None,
+    ) -> None:
+        """Sent steps that never began go back to the front of the queue, uncharged.
+
+        ``death`` (pid, exit code, what it said) means the worker died or froze
+        before the first of them began: that step counts it, and fails once
+        too many workers in a row went that way.
+        """
+        back = [
+            index for index in indices if index in self.steps and self.steps[index].state == SENT
+        ]
+        if death is not None and back:
+            first = self.steps[back[0]]
+            first.unstarted_deaths += 1
+            if first.unstarted_deaths > MAX_UNSTARTED_DEATHS:
+                index = back.pop(0)
+                pid, code, said = death
+                message = _messages.could_not_start(
+                    first.spec, first.unstarted_deaths, pid, code, said
+                )
+                error = StepError(
+                    kind="crash",
+                    message=message,
+                    exit_code=code,
+                    signal=_messages.signal_name(code),
+                    pid=pid,
+                )
+                first.state = QUEUED
+                self._record(index, self._failed_outcome(first.spec, error), 0.0)
+        for index in back:
+            self.steps[index].state = QUEUED
+        self._queue.extendleft(reversed(back))
+
+    # -- verdicts ----------------------------------------------------------------------
+
+    def _judge(self, now: float) -> None:
+        cancel = self.options.cancel
+        if cancel is not None and cancel.cancelled:
+            self._stop_everything("cancelled")
+        elif self.deadline is not None and now >= self.deadline:
+            self._stop_everything("deadline")
+        else:
+            self._check_time_limits(now)
+
+    def _check_time_limits(self, now: float) -> None:
+        late = [
+            index
+            for index, record in self._running.items()
+            if record.limit is not None
+            and record.started_at is not None
+            and now >= record.started_at + record.limit
+        ]
+        for index in late:
+            record = self.steps[index]
+            assert record.limit is not None
+            facts = self.backend.stop(index)
+            message = _messages.timed_out(record.spec, record.limit, facts.stopped)
+            error = StepError(
+                kind="timeout",
+                message=message,
+                pid=facts.pid if facts.pid is not None else record.pid,
+                limit=record.limit,
+                printed=facts.printed,
+            )
+            self._fail(index, error, self._ran_for(record))
+
+    def _stop_everything(self, why: str) -> None:
+        """End the call now: running steps are stopped, the rest never start."""
+        self.stopping = True
+        facts = self.backend.stop_all()
+        call_timeout = self.options.call_timeout
+        deadline = why == "deadline"
+        before = "the call's time limit ran out" if deadline else "the call was cancelled"
+        for index in sorted(self.steps):
+            record = self.steps[index]
+            spec = record.spec
+            if record.state == RUNNING:
+                stopped = facts.get(index, StopFacts(pid=record.pid))
+                if deadline:
+                    assert call_timeout is not None
+                    kind: ErrorKind = "timeout"
+                    message = _messages.call_timed_out(spec, call_timeout, stopped.stopped)
+                else:
+                    kind = "cancelled"
+                    message = _messages.cancelled_while_running(spec, stopped.stopped)
+                error = StepError(
+                    kind=kind,
+                    message=message,
+                    pid=stopped.pid if stopped.pid is not None else record.pid,
+                    limit=call_timeout if kind == "timeout" else None,
+                    printed=stopped.printed,
+                )
+                self._record(index, self._failed_outcome(spec, error), self._ran_for(record))
+            else:
+                message = _messages.cancelled_before_start(spec, before, record.attempts > 0)
+                error = StepError(
+                    kind="cancelled", message=message, limit=call_timeout if deadline else None
+                )
+                self._record(index, self._failed_outcome(spec, error), 0.0)
+        self._queue.clear()
+        self._delayed.clear()
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _ran_for(self, record: StepRecord) -> float:
+        if record.started_at is None:
+            return 0.0
+        return max(0.0, time.monotonic() - record.started_at)
+
+    @staticmethod
+    def _failed_outcome(spec: AgentStepSpec, error: StepError) -> StepOutcome:
+        return StepOutcome.failed(spec.task_id, spec.agent, error.message, error)
+
+    def _fail(self, index: int, error: StepError, duration: float) -> None:
+        self._settle(index, self._failed_outcome(self.steps[index].spec, error), duration)
+
+    def _settle(self, index: int, outcome: StepOutcome, duration: float) -> None:
+        """A finished attempt: retry it if the policy says so, else record it."""
+        record = self.steps[index]
+        self._running.pop(index, None)
+        record.started_at = None
+        error = outcome.error
+        policy = self.options.retry
+        if (
+            error is not None
+            and policy is not None
+            and not self.stopping
+            and error.kind in policy.on
+            and record.attempts < policy.attempts
+        ):
+            if self.emit is not None:
+                spec = record.spec
+                self._post(
+                    self.emit, StepRerun(index, spec.task_id, record.attempts + 1, error.message)
+                )
+            delay = policy.delay_before(record.attempts + 1)
+            if delay > 0:
+                record.state = WAITING
+                heapq.heappush(self._delayed, (time.monotonic() + delay, index))
+            else:
+                record.state = QUEUED
+                self._queue.append(index)
+            return
+        self._record(index, outcome, duration)
+
+    def _record(self, index: int, outcome: StepOutcome, duration: float) -> None:
+        """The step's final outcome: keep it, announce it, and forget the step."""
+        record = self.steps.pop(index)
+        self._running.pop(index, None)
+        if outcome.error is not None and outcome.error.attempts != record.attempts:
+            error = msgspec.structs.replace(outcome.error, attempts=max(1, record.attempts))
+            outcome = msgspec.structs.replace(outcome, error=error)
+        if self.outcomes is not None:
+            self.outcomes[index] = outcome
+        self.remaining -= 1
+        if self.emit is not None and record.attempts:
+            spec = record.spec
+            self._post(
+                self.emit,
+                StepFinished(index, spec.task_id, record.attempts, outcome.success, duration),
+            )
+        if self.on_outcome is not None:
+            self._post(self.on_outcome, index, outcome)
+
+    # -- the loop's plumbing ----------------------------------------------------------------
+
+    def _post(self, function: Callable[..., Any], *args: Any) -> None:
+        self._outbox.append((function, args))
+
+    def _deliver(self) -> None:
+        """Hand the queued events and outcomes to the caller, in order."""
+        outbox = self._outbox
+        while outbox:
+            function, args = outbox.popleft()
+            function(*args)
+
+    def _release_delayed(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            index = heapq.heappop(self._delayed)[1]
+            record = self.steps.get(index)
+            if record is not None and record.state == WAITING:
+                record.state = QUEUED
+                self._queue.append(index)
+
+    def _wait(self) -> None:
+        if self._outbox:
+            return  # news to deliver first (e.g. outcomes recorded while stopping)
+        wake_at = []
+        if self.deadline is not None:
+            wake_at.append(self.deadline)
+        if self._delayed:
+            wake_at.append(self._delayed[0][0])
+        for record in self._running.values():
+            if record.limit is not None and record.started_at is not None:
+                wake_at.append(record.started_at + record.limit)
+        backend_wakeup = self.backend.next_wakeup()
+        if backend_wakeup is not None:
+            wake_at.append(backend_wakeup)
+        timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+        wake_fd = self._wake.fileno()
+        ready = wait([*self.backend.wait_handles(), wake_fd], timeout)
+        if wake_fd in ready:
+            self._wake.drain()
+
+
+def _raise_keyboard_interrupt_on_sigterm() -> Any:
+    """During a call in the main thread, make SIGTERM unwind like Ctrl-C.
+
+    Returns the handler to restore, or None when the caller has a SIGTERM
+    handler of its own (which is left alone) or this is not the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    return signal.signal(signal.SIGTERM, interrupt)

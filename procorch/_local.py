@@ -1,0 +1,477 @@
+"""The local backend: steps on warm worker processes of this machine, one lane each.
+
+Data flow for one call (the calling thread does all of it)::
+
+    steps.take(n) --chunk--> lane.submit --> worker runs the chunk in order
+                                                  |
+        lane.channel <-- Started / Progress / Done frames, each naming (step, attempt)
+             |
+    poll(): every frame matched against what was sent to that lane
+             --> steps.started / progress / finished
+    a dead worker --> its running step crashed, the rest of its chunk given back;
+    a guard (memory) --> the lane killed, its running step failed, the rest given back;
+    a frame that matches nothing --> a protocol fault: the lane is killed, the
+    step it concerns fails saying so, the rest are given back.
+
+- A lane's worker runs one step at a time and names it in its ``Started``
+  frame, so when the worker dies (or is killed for a guard) exactly that step
+  is the culprit. Steps queued behind it never began; they run elsewhere
+  without being charged an attempt.
+- A lane that was sent steps and announces none of them within
+  ``_ANNOUNCE_SECONDS`` (a frozen or wedged worker) is killed, and its steps
+  are given back: nothing waits behind a worker that cannot run it.
+- Chunks amortise the round trip to the worker for quick steps: their size
+  grows from 1 so that a chunk lasts about ``_CHUNK_SECONDS``, and shrinks at
+  the end of the batch so every lane stays busy. While steps are quick (a
+  mean under ``_QUEUE_BEHIND_BELOW``) each lane also holds a second chunk
+  queued behind the running one, so a worker never waits for the parent
+  between chunks; slower steps never queue, since work queued on a worker
+  cannot be taken back if the step ahead of it turns out slow.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import math
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
+
+from . import _messages
+from ._backend import StopFacts
+from ._model import StepError
+from ._options import CallOptions
+from ._pool import _engine, _Lane
+from ._protocol import Done, Progress, Retire, Started, decode_frame
+
+if TYPE_CHECKING:
+    from ._lifecycle import StepLifecycle
+
+__all__ = ["LOCAL_GUARDS", "LocalBackend"]
+
+LOCAL_GUARDS = frozenset(
+    {
+        "step_timeout",
+        "step_timeouts",
+        "call_timeout",
+        "memory_limit",
+        "retry",
+        "capture_output",
+        "cancel",
+    }
+)
+
+# Chunk sizing: a larger target amortises the round trip over more steps; a
+# smaller one keeps the tail of a batch balanced across lanes.
+_CHUNK_SECONDS = 0.005
+_MAX_CHUNK = 256
+_PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
+_QUEUE_BEHIND_BELOW = 0.01  # seconds: mean step time under which chunks queue up
+
+# How long a lane may hold steps without starting any before it is taken for
+# frozen (SIGSTOPped, wedged) and killed; its steps run elsewhere, uncharged.
+# A warm worker announces a step within milliseconds and a fresh one within
+# tens; the bound is far above both so that a busy machine never trips it.
+_ANNOUNCE_SECONDS = 10.0
+# The bound when another lane of the call sits idle and could run those
+# steps now: killing a lane that was only slow to start costs one fork.
+_ANNOUNCE_SECONDS_PEER_IDLE = 2.0
+
+# At the end of a call, how long a lane whose steps are all done may take to
+# report its last call returned before it is killed instead of kept warm.
+_LAST_RETURN_SECONDS = 2.0
+
+# How often the memory of busy workers is read when a cap is set. A step
+# that allocates faster than cap / interval can overshoot by that much.
+_MEMORY_POLL_SECONDS = 0.02
+
+_Id = tuple[int, int]  # (step index, attempt)
+
+
+class _LaneWork:
+    """What one lane of this call is doing."""
+
+    __slots__ = ("chunks", "lane", "pid", "retiring", "running", "sent", "waiting_since")
+
+    def __init__(self, lane: _Lane) -> None:
+        self.lane = lane
+        self.sent: collections.deque[_Id] = collections.deque()  # not yet done, in run order
+        self.chunks: list[tuple[Future[None], list[_Id]]] = []  # calls not yet seen returned
+        self.running: _Id | None = None  # the step the worker announced and has not finished
+        self.pid: int | None = None
+        self.retiring = False  # the worker grew too large and takes no more steps
+        # Since when the lane holds steps without running any (None: it runs
+        # one, or holds none): the frozen-worker clock.
+        self.waiting_since: float | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.sent or self.chunks)
+
+    def reset(self, lane: _Lane) -> None:
+        """Start over on a fresh lane."""
+        self.lane = lane
+        self.sent.clear()
+        self.chunks.clear()
+        self.running = None
+        self.pid = None
+        self.retiring = False
+        self.waiting_since = None
+
+
+class LocalBackend:
+    """Lanes of this machine behind the ``StepBackend`` seam."""
+
+    supported_guards = LOCAL_GUARDS
+
+    def __init__(self, blob: bytes, token: str, options: CallOptions) -> None:
+        self.blob = blob
+        self.token = token
+        self.options = options
+        self.works: list[_LaneWork] = []
+        self.mean_duration: float | None = None
+        # A worker left holding more than half the cap is retired between
+        # steps, so that the next step starts with room to work.
+        limit = options.memory_limit
+        self.retire_above = None if limit is None else limit // 2
+        self.next_memory_check = 0.0
+        self.steps: StepLifecycle | None = None
+
+    # -- the seam ----------------------------------------------------------------------
+
+    def open(self, steps: StepLifecycle, slots: int) -> None:
+        self.steps = steps
+        self.works = [_LaneWork(lane) for lane in _engine.acquire(slots)]
+
+    def start_ready(self) -> None:
+        steps = self._steps()
+        # Idle lanes first; then, for quick steps only, a second chunk queued
+        # behind a running one. A step queued behind a slow one would wait for
+        # it (queued work cannot be taken back), so slow steps never queue.
+        quick = self.mean_duration is not None and self.mean_duration < _QUEUE_BEHIND_BELOW
+        depth = _PIPELINE_DEPTH if quick else 1
+        for work in sorted(self.works, key=lambda work: len(work.chunks)):
+            if not steps.queued:
+                return
+            if len(work.chunks) >= depth or work.retiring or work.lane.frames.eof:
+                continue
+            if work.chunks and work.running is None:
+                continue  # the lane has not begun what it holds: nothing more behind it
+            indices = steps.take(self._chunk_size())
+            chunk = [(index, steps.attempt(index)) for index in indices]
+            try:
+                future = work.lane.submit(
+                    self.token,
+                    self.blob,
+                    [(index, attempt, steps.data(index)) for index, attempt in chunk],
+                    self.options.capture,
+                    self.retire_above,
+                )
+            except (BrokenProcessPool, ShutdownExecutorError):
+                # The worker died while idle; the chunk never began.
+                steps.gave_back(indices)
+                if not work.chunks:
+                    self._replace_lane(work)
+                continue
+            future.add_done_callback(steps.wake)
+            work.chunks.append((future, chunk))
+            work.sent.extend(chunk)
+            if work.running is None and work.waiting_since is None:
+                work.waiting_since = time.monotonic()
+
+    def wait_handles(self) -> list[Any]:
+        return [work.lane.channel for work in self.works if work.busy and not work.lane.frames.eof]
+
+    def next_wakeup(self) -> float | None:
+        bound = self._announce_bound()
+        wake_at = [
+            work.waiting_since + bound for work in self.works if work.waiting_since is not None
+        ]
+        if self.options.memory_limit is not None and any(w.running for w in self.works):
+            wake_at.append(self.next_memory_check)
+        return min(wake_at) if wake_at else None
+
+    def poll(self) -> None:
+        for work in self.works:
+            self._service(work)
+        self._check_announcements()
+        self._check_memory()
+
+    def stop(self, index: int) -> StopFacts:
+        for work in self.works:
+            if work.running is not None and work.running[0] == index:
+                return self._kill_running(work)
+        return StopFacts()
+
+    def stop_all(self) -> dict[int, StopFacts]:
+        facts = {}
+        for work in self.works:
+            if work.running is not None:
+                index = work.running[0]
+                facts[index] = self._kill_running(work)
+            elif work.busy:
+                self._give_back(work)
+                self._replace_lane(work)
+        return facts
+
+    def close(self) -> None:
+        """Give healthy lanes back; kill lanes whose work is unfinished."""
+        healthy = []
+        for work in self.works:
+            if not work.sent and _returned_cleanly([future for future, _ in work.chunks]):
+                healthy.append(work.lane)
+            else:
+                work.lane.close(kill=True)
+        _engine.release(healthy)
+        self.works = []
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _steps(self) -> StepLifecycle:
+        assert self.steps is not None, "backend used before open"
+        return self.steps
+
+    def _chunk_size(self) -> int:
+        if self.mean_duration is None:
+            return 1
+        wanted = int(_CHUNK_SECONDS / max(self.mean_duration, 1e-6))
+        fair = math.ceil(self._steps().queued / (_PIPELINE_DEPTH * len(self.works)))
+        return max(1, min(wanted, fair, _MAX_CHUNK))
+
+    # -- hearing from lanes ---------------------------------------------------------------
+
+    def _service(self, work: _LaneWork) -> None:
+        if not work.busy:
+            return
+        # Look at the calls before draining: a worker writes a chunk's last
+        # frame before its call returns, so once a call is seen returned every
+        # frame of its chunk is already in the pipe. Looking after draining races.
+        returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
+        reader = work.lane.frames
+        for data in reader.read():
+            try:
+                frame = decode_frame(data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._protocol_fault(work, f"a frame could not be decoded: {exc}")
+                return
+            problem = self._on_frame(work, frame)
+            if problem is not None:
+                self._protocol_fault(work, problem)
+                return
+        for future, _ in returned:
+            failure = future.exception()
+            if isinstance(failure, BrokenProcessPool):
+                self._on_dead_worker(work)
+                return
+            if failure is not None:
+                self._on_broken_worker(work, failure)
+                return
+        if work.retiring:
+            self._give_back(work)
+            self._replace_lane(work, kill=False)  # it runs nothing: its calls return at once
+            return
+        for future, chunk in returned:
+            work.chunks.remove((future, chunk))
+            unreported = [step for step in chunk if step in work.sent]
+            if unreported:
+                index, attempt = unreported[0]
+                self._protocol_fault(
+                    work, f"its call returned without reporting step {index} attempt {attempt}"
+                )
+                return
+
+    def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
+        """Report one frame to the lifecycle; a description of the mismatch, if any."""
+        steps = self._steps()
+        identity = (frame.step, frame.attempt)
+        if isinstance(frame, (Started, Retire)):
+            if work.running is not None or not work.sent or work.sent[0] != identity:
+                expected = work.sent[0] if work.sent and work.running is None else None
+                return f"it announced step {identity} while {_expecting(work, expected)}"
+            if isinstance(frame, Retire):
+                work.retiring = True
+                return None
+            if not steps.started(frame.step, frame.attempt, frame.pid, frame.at):
+                return f"step {identity} was not waiting to start"
+            work.running = identity
+            work.pid = frame.pid
+            work.waiting_since = None
+            return None
+        if work.running != identity:
+            kind = "progress" if isinstance(frame, Progress) else "an outcome"
+            return f"it sent {kind} for step {identity} while {_expecting(work, None)}"
+        if isinstance(frame, Progress):
+            steps.progress(frame.step, frame.attempt, frame.data)
+            return None
+        assert isinstance(frame, Done)
+        work.sent.popleft()
+        work.running = None
+        if work.sent:
+            work.waiting_since = time.monotonic()
+        duration = frame.duration
+        if self.mean_duration is None:
+            self.mean_duration = duration
+        else:
+            self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
+        steps.finished(frame.step, frame.attempt, frame.outcome, duration)
+        return None
+
+    def _on_dead_worker(self, work: _LaneWork) -> None:
+        """The lane's worker died: the step it was running is the culprit."""
+        lane = work.lane
+        dump = lane.crash_dump()
+        exit_code = _exit_code(lane.exit_code(), dump)
+        pid = work.pid if work.pid is not None else lane.pid
+        printed = lane.printed() if self.options.capture else None
+        running = work.running
+        work.running = None
+        if running is None:
+            self._give_back(work, death=(pid, exit_code, dump))
+        else:
+            work.sent.remove(running)
+            self._give_back(work)
+        self._replace_lane(work)
+        if running is not None:
+            self._steps().crashed(
+                *running, pid=pid, exit_code=exit_code, dump=dump, printed=printed
+            )
+
+    def _on_broken_worker(self, work: _LaneWork, exc: BaseException) -> None:
+        """The worker's call raised: it can no longer report (a step broke its channel?)."""
+        detail = f"the worker failed with {type(exc).__name__}: {_messages.safe_text(exc)}"
+        self._protocol_fault(work, detail)
+
+    def _protocol_fault(self, work: _LaneWork, detail: str) -> None:
+        """The lane's reports cannot be trusted: kill it; the step it concerns fails."""
+        running = work.running
+        pid = work.pid if work.pid is not None else work.lane.pid
+        work.running = None
+        if running is not None:
+            work.sent.remove(running)
+            self._give_back(work)
+        else:
+            self._give_back(work, death=(pid, None, detail))
+        self._replace_lane(work)
+        if running is not None:
+            spec = self._steps().spec(running[0])
+            message = _messages.unreadable_report(spec, pid, detail)
+            self._steps().failed(*running, StepError(kind="internal", message=message, pid=pid))
+
+    def _give_back(
+        self, work: _LaneWork, death: tuple[int | None, int | None, str] | None = None
+    ) -> None:
+        """Every step the lane holds and never began goes back to the lifecycle."""
+        unstarted = [index for index, _ in work.sent]
+        work.sent.clear()
+        if unstarted:
+            self._steps().gave_back(unstarted, death=death)
+
+    def _replace_lane(self, work: _LaneWork, *, kill: bool = True) -> None:
+        work.lane.close(kill=kill)
+        work.reset(_engine.new_lane())
+
+    # -- guards of this backend ---------------------------------------------------------
+
+    def _announce_bound(self) -> float:
+        """How long a lane may hold steps without starting one (see _ANNOUNCE_SECONDS)."""
+        peer_idle = any(not work.busy and not work.lane.frames.eof for work in self.works)
+        return _ANNOUNCE_SECONDS_PEER_IDLE if peer_idle else _ANNOUNCE_SECONDS
+
+    def _check_announcements(self) -> None:
+        """Kill lanes that hold steps and started none of them in time (frozen workers)."""
+        now = time.monotonic()
+        bound = self._announce_bound()
+        for work in self.works:
+            since = work.waiting_since
+            if since is None or now - since < bound or work.running is not None:
+                continue
+            self._service(work)  # one last look: the announcement may be in the pipe
+            if work.running is not None or work.waiting_since != since:
+                continue
+            pid = work.lane.pid
+            said = (
+                f"it did not start any of the steps sent to it within {bound:g} s "
+                "(stopped or wedged), so it was killed"
+            )
+            self._give_back(work, death=(pid, None, said))
+            self._replace_lane(work)
+
+    def _check_memory(self) -> None:
+        limit = self.options.memory_limit
+        now = time.monotonic()
+        if limit is None or now < self.next_memory_check:
+            return
+        self.next_memory_check = now + _MEMORY_POLL_SECONDS
+        for work in self.works:
+            if work.running is None:
+                continue
+            used = work.lane.memory()
+            if used > limit:
+                index, attempt = work.running
+                spec = self._steps().spec(index)
+                facts = self._kill_running(work)
+                error = StepError(
+                    kind="memory",
+                    message=_messages.memory(spec, facts.pid, used, limit),
+                    pid=facts.pid,
+                    limit=float(limit),
+                    memory=used,
+                    printed=facts.printed,
+                )
+                self._steps().failed(index, attempt, error)
+
+    def _kill_running(self, work: _LaneWork) -> StopFacts:
+        """Kill the lane running a step; its other steps go back to the queue."""
+        pid = work.pid
+        printed = work.lane.printed() if self.options.capture else None
+        running = work.running
+        work.running = None
+        if running is not None:
+            work.sent.remove(running)
+        self._give_back(work)
+        self._replace_lane(work)
+        return StopFacts(
+            pid=pid, printed=printed, stopped=f"its worker process (pid {pid}) was killed"
+        )
+
+
+def _expecting(work: _LaneWork, expected: _Id | None) -> str:
+    if work.running is not None:
+        return f"running step {work.running}"
+    if expected is not None:
+        return f"step {expected} was due to start next"
+    return "it had no step to run"
+
+
+# faulthandler's first line names the fatal signal it caught.
+_FAULTHANDLER_SIGNALS = {
+    "Segmentation fault": -11,
+    "Aborted": -6,
+    "Bus error": -7,
+    "Floating-point exception": -8,
+    "Illegal instruction": -4,
+}
+
+
+def _exit_code(reported: int | None, dump: str) -> int | None:
+    """The worker's exit code, corrected by faulthandler's word where the fork server lost it.
+
+    The fork server relays a worker's exit status over a socket, and now and
+    then reports 255 instead (CPython's bpo-30589; seen here about once in 300
+    crashes). When faulthandler named the fatal signal, that signal is the truth.
+    """
+    if reported is None or reported == 255:
+        for name, code in _FAULTHANDLER_SIGNALS.items():
+            if f"Fatal Python error: {name}" in dump:
+                return code
+    return reported
+
+
+def _returned_cleanly(futures: list[Future[None]]) -> bool:
+    """True when every chunk call returns without error (each has sent its last frame)."""
+    done, pending = concurrent.futures.wait(futures, timeout=_LAST_RETURN_SECONDS)
+    return not pending and all(future.exception() is None for future in done)

@@ -1,0 +1,159 @@
+"""Every sentence a failed outcome says, once.
+
+A failure message names the step (``step 'a' (agent 'b')``), says what
+happened to it, gives the evidence (signal, exit code, pid, the limit
+crossed) and, where there is one, the likely cause. The lifecycle, the
+backends and the worker build their messages here, so one fault reads the
+same whichever backend saw it.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from ._model import AgentStepSpec, _describe
+
+__all__ = [
+    "cancelled_before_start",
+    "cancelled_while_running",
+    "could_not_start",
+    "crash",
+    "executor_not_rebuilt",
+    "lost",
+    "memory",
+    "safe_text",
+    "signal_name",
+    "timed_out",
+    "unreadable_report",
+]
+
+_SIGNAL_CAUSES = {
+    signal.SIGSEGV: "a segmentation fault: native code touched memory it does not own",
+    signal.SIGBUS: "a bus error: native code touched memory that cannot be reached, "
+    "such as a truncated memory-mapped file",
+    signal.SIGFPE: "a fatal arithmetic error in native code, such as an integer division by zero",
+    signal.SIGILL: "an illegal instruction in native code",
+    signal.SIGABRT: "abort() was called, usually by a failed assertion or a fatal error "
+    "in native code",
+    signal.SIGKILL: "something outside the process killed it; the kernel's out-of-memory "
+    "killer does this to a process that uses too much memory",
+    signal.SIGTERM: "something outside the process asked it to terminate",
+}
+
+
+def signal_name(exit_code: int | None) -> str | None:
+    """``SIGSEGV`` for exit code -11; None for a normal exit or an unknown code."""
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
+
+
+def safe_text(value: object) -> str:
+    """``str(value)`` that never raises and always encodes as UTF-8.
+
+    User objects reach messages (an exception's ``__str__``, a result's
+    ``__repr__``); one that raises, or a string holding a lone surrogate
+    (``os.fsdecode`` of a non-UTF-8 name), must not take the report with it.
+    """
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except BaseException as exc:  # a user __str__ may raise anything
+        try:
+            text = repr(value)
+        except BaseException:
+            text = f"<{type(value).__name__} whose str() raised {type(exc).__name__}>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def crash(spec: AgentStepSpec, pid: int | None, exit_code: int | None, where: str = "") -> str:
+    """The worker running the step died while running it."""
+    who = f"{_describe(spec)} crashed: its worker process (pid {pid}){where}"
+    if exit_code is None:
+        return f"{who} died while running it, with an unknown exit code."
+    if exit_code < 0:
+        name = signal_name(exit_code)
+        try:
+            cause = _SIGNAL_CAUSES.get(signal.Signals(-exit_code))
+        except ValueError:
+            cause = None
+        text = f"{who} was killed by {name} (exit code {exit_code})"
+        return f"{text}: {cause}." if cause else f"{text}."
+    return (
+        f"{who} exited with code {exit_code} while running it "
+        "(os._exit() or exit() from native code)."
+    )
+
+
+def timed_out(spec: AgentStepSpec, limit: float, stopped: str) -> str:
+    """The step ran past its own time limit; ``stopped`` says what was done about it."""
+    return f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, so {stopped}."
+
+
+def call_timed_out(spec: AgentStepSpec, limit: float, stopped: str) -> str:
+    return (
+        f"{_describe(spec)} timed out: the call's {limit:g} s limit ran out while it was "
+        f"running, so {stopped}."
+    )
+
+
+def cancelled_while_running(spec: AgentStepSpec, stopped: str) -> str:
+    return f"{_describe(spec)} was cancelled while running; {stopped}."
+
+
+def cancelled_before_start(spec: AgentStepSpec, why: str, retrying: bool = False) -> str:
+    """A step stopped by the call's end before (this attempt of) it started."""
+    when = "before it could be started again" if retrying else "before it started"
+    return f"{_describe(spec)} did not run: {why} {when}."
+
+
+def memory(spec: AgentStepSpec, pid: int | None, used: int, limit: int) -> str:
+    return (
+        f"{_describe(spec)} went over its memory cap: its worker process (pid {pid}) and its "
+        f"children reached {megabytes(used)}, more than the {megabytes(limit)} allowed, so they "
+        "were killed."
+    )
+
+
+def megabytes(size: float) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def could_not_start(
+    spec: AgentStepSpec, deaths: int, pid: int | None, code: int | None, said: str
+) -> str:
+    """Every worker the step was sent to died (or froze) before it began."""
+    message = (
+        f"{_describe(spec)} could not start: {deaths} worker processes in a row died or stopped "
+        f"responding before it began (the last, pid {pid}, with exit code {code})."
+    )
+    if said:
+        message += f" It said: {said.strip()}"
+    return message
+
+
+def executor_not_rebuilt(spec: AgentStepSpec, exc: BaseException) -> str:
+    return (
+        f"{_describe(spec)} did not run: its executor could not be rebuilt in the worker "
+        f"process: {type(exc).__name__}: {safe_text(exc)}"
+    )
+
+
+def unreadable_report(spec: AgentStepSpec, pid: int | None, detail: str) -> str:
+    """The worker's report of the step broke procorch's protocol (a fault, not a guess)."""
+    return (
+        f"{_describe(spec)} failed: procorch could not follow its worker's report ({detail}), "
+        f"so the worker process (pid {pid}) was stopped. A step that writes to, closes or "
+        "replaces file descriptors it does not own can cause this; otherwise it is a bug in "
+        "procorch: please report it."
+    )
+
+
+def lost(spec: AgentStepSpec, detail: str) -> str:
+    """procorch lost track of the step: always a bug."""
+    return (
+        f"{_describe(spec)} was lost by procorch: {detail}. "
+        "This is a bug in procorch; please report it."
+    )

@@ -1,0 +1,42 @@
+"""The guards of one call, checked by ``_call`` and read by the lifecycle and backends."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ._guards import CancelToken, RetryPolicy
+
+__all__ = ["CallOptions"]
+
+
+class CallOptions:
+    """The guards of one call, checked and resolved per step."""
+
+    __slots__ = (
+        "call_timeout",
+        "cancel",
+        "capture",
+        "memory_limit",
+        "retry",
+        "step_timeout",
+        "step_timeouts",
+    )
+
+    def __init__(
+        self,
+        *,
+        step_timeout: float | None = None,
+        step_timeouts: Mapping[str, float] | None = None,
+        call_timeout: float | None = None,
+        memory_limit: int | None = None,
+        retry: RetryPolicy | None = None,
+        capture: bool = False,
+        cancel: CancelToken | None = None,
+    ) -> None:
+        self.step_timeout = step_timeout
+        self.step_timeouts = step_timeouts or {}
+        self.call_timeout = call_timeout
+        self.memory_limit = memory_limit
+        self.retry = retry
+        self.capture = capture
+        self.cancel = cancel
