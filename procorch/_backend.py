@@ -72,5 +72,6 @@ class BackendFactory(Protocol):
     """What ``backend=`` takes: an object that makes one :class:`StepBackend` per call."""
 
     supported_guards: frozenset[str]
+    name: str  # for messages: "the Dask backend"
 
     def step_backend(self, blob: bytes, token: str, options: Any) -> StepBackend: ...

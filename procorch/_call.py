@@ -7,21 +7,22 @@ executor, events target and guards; this module turns them into a ready
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import cloudpickle
 import msgspec
 
+from ._backend import BackendFactory, StepBackend
 from ._errors import ExecutorError, InvalidSpecError
 from ._events import Event
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS
 from ._guards import CancelToken, RetryPolicy
 from ._lifecycle import StepLifecycle
-from ._local import LocalBackend
+from ._local import LOCAL_GUARDS, LocalBackend
 from ._model import AgentStepSpec, StepOutcome
 from ._options import CallOptions
-from ._pool import _engine
 from ._schema import check_output_schema
 
 EventTarget = Callable[[Event], Any] | Any
@@ -44,6 +45,19 @@ class Guards(TypedDict, total=False):
     backend: Any
 
 
+class _LocalLanes:
+    """The default backend: warm worker processes of this machine (``_local``)."""
+
+    supported_guards = LOCAL_GUARDS
+    name = "the local worker processes"
+
+    def step_backend(self, blob: bytes, token: str, options: CallOptions) -> StepBackend:
+        return LocalBackend(blob, token, options)
+
+
+_LOCAL = _LocalLanes()
+
+
 class _Call:
     """A call whose executor, events target and guards passed every check."""
 
@@ -55,27 +69,24 @@ class _Call:
         blob: bytes,
         emit: Callable[[Event], Any] | None,
         options: CallOptions,
-        backend: Any = None,
+        backend: BackendFactory = _LOCAL,
     ) -> None:
         self.limit = limit
         self.blob = blob
         self.emit = emit
         self.options = options
-        self.backend = backend  # None: the local lanes; else a DaskBackend
+        self.backend = backend
 
     def dispatch(
         self,
         on_outcome: Callable[[int, StepOutcome], None] | None = None,
         keep_outcomes: bool = True,
-    ) -> Any:
-        """A fresh dispatch for this call (its executor gets a new token)."""
-        if self.backend is not None:
-            from ._dask import _DaskDispatch
-
-            return _DaskDispatch(
-                self.backend, self.blob, self.emit, self.options, on_outcome, keep_outcomes
-            )
-        backend = LocalBackend(self.blob, _engine.next_token(), self.options)
+    ) -> StepLifecycle:
+        """A fresh step lifecycle for this call, on a fresh backend (a new random token)."""
+        legacy = getattr(self.backend, "_legacy_dispatch", None)
+        if legacy is not None:  # the Dask backend, until it is ported to the lifecycle
+            return legacy(self.blob, self.emit, self.options, on_outcome, keep_outcomes)  # type: ignore[no-any-return]
+        backend = self.backend.step_backend(self.blob, uuid.uuid4().hex, self.options)
         return StepLifecycle(backend, self.emit, self.options, on_outcome, keep_outcomes)
 
 
@@ -99,22 +110,29 @@ def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _
     return _Call(limit, blob, emit, options, backend)
 
 
-def _backend(guards: Guards) -> Any:
-    """The backend named by the guards (None for local lanes), checked against the rest."""
+def _backend(guards: Guards) -> BackendFactory:
+    """The backend named by the guards (the local lanes by default), checked against the rest."""
     backend = guards.get("backend")
     if backend is None:
-        return None
-    from ._dask import DaskBackend
-
-    if not isinstance(backend, DaskBackend):
+        return _LOCAL
+    if not callable(getattr(backend, "step_backend", None)) or not hasattr(
+        backend, "supported_guards"
+    ):
         raise TypeError(f"backend must be a DaskBackend or None (got {type(backend).__name__})")
-    for guard in ("memory_limit", "capture_output"):
-        if guards.get(guard):
+    for guard, value in guards.items():
+        if guard == "backend" or value is None or value is False:
+            continue
+        if guard not in backend.supported_guards:
             raise ValueError(
-                f"{guard} is not available with the Dask backend: set the workers' own "
-                "limits (memory_limit on the Dask workers) instead"
+                f"{guard} is not available with {backend.name}{_INSTEAD.get(guard, '')}"
             )
-    return backend
+    return cast(BackendFactory, backend)
+
+
+_INSTEAD = {
+    "memory_limit": ": set the workers' own limits (memory_limit on the Dask workers) instead",
+    "capture_output": ": the workers' own logs keep what steps print",
+}
 
 
 def check_spec(index: int, spec: Any) -> bytes:

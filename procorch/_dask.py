@@ -98,8 +98,26 @@ class DaskBackend:
                 f"(got {type(client_or_address).__name__})"
             )
 
+    supported_guards = frozenset(
+        {"step_timeout", "step_timeouts", "call_timeout", "retry", "cancel"}
+    )
+    name = "the Dask backend"
+
     def __repr__(self) -> str:
         return f"DaskBackend({self.address or self.client!r})"
+
+    def step_backend(self, blob: bytes, token: str, options: Any) -> Any:
+        raise NotImplementedError("the Dask backend still runs its own dispatch")
+
+    def _legacy_dispatch(
+        self,
+        blob: bytes,
+        emit: Callable[[Event], Any] | None,
+        options: Any,
+        on_outcome: Callable[[int, StepOutcome], None] | None,
+        keep_outcomes: bool,
+    ) -> _DaskDispatch:
+        return _DaskDispatch(self, blob, emit, options, on_outcome, keep_outcomes)
 
 
 # -- in the worker ---------------------------------------------------------------
