@@ -69,6 +69,7 @@ class StepRecord:
         "spec",
         "started_at",
         "state",
+        "uncharged",
         "unstarted_deaths",
     )
 
@@ -77,7 +78,8 @@ class StepRecord:
         self.data = data  # its wire bytes
         self.limit = limit  # seconds, or None
         self.state = QUEUED
-        self.attempts = 0  # times it was started
+        self.attempts = 0  # times it was started (the events' attempt numbers)
+        self.uncharged = 0  # of those, attempts a backend cut short without a verdict
         self.started_at: float | None = None  # the worker's clock at the running attempt's start
         self.pid: int | None = None
         self.unstarted_deaths = 0  # workers that died or froze before it could start
@@ -285,6 +287,26 @@ class StepLifecycle:
         self._fail(index, error, self._ran_for(record))
         return True
 
+    def interrupted(self, index: int, attempt: int, reason: str) -> bool:
+        """The running attempt ended without a verdict; the backend will run the step again.
+
+        For a backend whose evidence about a lost attempt is not conclusive
+        (Dask blames every task a dying worker held): the events say
+        ``StepRerun`` as for any re-run, but the attempt is not charged to the
+        retry policy nor counted in ``error.attempts``.
+        """
+        record = self._current(index, attempt, RUNNING)
+        if record is None:
+            return False
+        self._running.pop(index, None)
+        record.started_at = None
+        record.uncharged += 1
+        record.state = QUEUED
+        if self.emit is not None:
+            self._post(self.emit, StepRerun(index, record.spec.task_id, attempt + 1, reason))
+        self._queue.appendleft(index)
+        return True
+
     def gave_back(
         self,
         indices: list[int],
@@ -417,14 +439,14 @@ class StepLifecycle:
             and policy is not None
             and not self.stopping
             and error.kind in policy.on
-            and record.attempts < policy.attempts
+            and record.attempts - record.uncharged < policy.attempts
         ):
             if self.emit is not None:
                 spec = record.spec
                 self._post(
                     self.emit, StepRerun(index, spec.task_id, record.attempts + 1, error.message)
                 )
-            delay = policy.delay_before(record.attempts + 1)
+            delay = policy.delay_before(record.attempts - record.uncharged + 1)
             if delay > 0:
                 record.state = WAITING
                 heapq.heappush(self._delayed, (time.monotonic() + delay, index))
@@ -438,8 +460,9 @@ class StepLifecycle:
         """The step's final outcome: keep it, announce it, and forget the step."""
         record = self.steps.pop(index)
         self._running.pop(index, None)
-        if outcome.error is not None and outcome.error.attempts != record.attempts:
-            error = msgspec.structs.replace(outcome.error, attempts=max(1, record.attempts))
+        charged = max(1, record.attempts - record.uncharged)
+        if outcome.error is not None and outcome.error.attempts != charged:
+            error = msgspec.structs.replace(outcome.error, attempts=charged)
             outcome = msgspec.structs.replace(outcome, error=error)
         if self.outcomes is not None:
             self.outcomes[index] = outcome
