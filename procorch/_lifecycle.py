@@ -108,6 +108,7 @@ class StepLifecycle:
         self.next_index = 0
         self.remaining = 0
         self.stopping = False  # cancelled or out of time: no new steps
+        self._stopped_because: str | None = None
         self._queue: collections.deque[int] = collections.deque()
         self._delayed: list[tuple[float, int]] = []  # (ready at, index): retries in backoff
         self._running: dict[int, StepRecord] = {}
@@ -152,7 +153,7 @@ class StepLifecycle:
 
     def turn(self) -> None:
         """Start what can start, wait for news or a timer, read it all, judge, deliver."""
-        if not self.stopping:
+        if not self.stopping and self._stop_reason(time.monotonic()) is None:
             self._release_delayed(time.monotonic())
             self.backend.start_ready()
         self._wait()
@@ -346,14 +347,20 @@ class StepLifecycle:
 
     # -- verdicts ----------------------------------------------------------------------
 
-    def _judge(self, now: float) -> None:
+    def _stop_reason(self, now: float) -> str | None:
         cancel = self.options.cancel
         if cancel is not None and cancel.cancelled:
-            self._stop_everything("cancelled")
-        elif self.deadline is not None and now >= self.deadline:
-            self._stop_everything("deadline")
-        else:
+            return "cancelled"
+        if self.deadline is not None and now >= self.deadline:
+            return "deadline"
+        return None
+
+    def _judge(self, now: float) -> None:
+        why = self._stopped_because if self.stopping else self._stop_reason(now)
+        if why is None:
             self._check_time_limits(now)
+        elif not self.stopping or self.steps:  # steps added after the stop end the same way
+            self._stop_everything(why)
 
     def _check_time_limits(self, now: float) -> None:
         late = [
@@ -380,6 +387,7 @@ class StepLifecycle:
     def _stop_everything(self, why: str) -> None:
         """End the call now: running steps are stopped, the rest never start."""
         self.stopping = True
+        self._stopped_because = why
         facts = self.backend.stop_all()
         call_timeout = self.options.call_timeout
         deadline = why == "deadline"
