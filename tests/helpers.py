@@ -439,3 +439,36 @@ def gone(pids: Iterable[int], within: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+class WireTamperingExecutor(AgentExecutor):
+    """Steps that break procorch's own reporting channel from inside the worker.
+
+    Agents: ok (succeeds, output ``ran: <prompt>``), garbage (writes bytes that
+    are no frame to the lane's channel), forged_done (reports an outcome for
+    another step), forged_start (announces another step), close_channel (closes
+    the channel's file descriptor), then each returns normally.
+    """
+
+    def __init__(self, hint: int = 2) -> None:
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        from procorch import _protocol, _worker
+
+        assert _worker._channel is not None
+        fd = _worker._channel.fileno()
+        if spec.agent == "garbage":
+            _protocol.write_frame(fd, b"\xc1 this is not msgpack")
+        elif spec.agent == "forged_done":
+            forged = StepOutcome(spec.task_id, "s", "x", "forged", True)
+            _protocol.write_frame(fd, _protocol.encode(_protocol.Done(10_000, 1, forged, 0.0)))
+        elif spec.agent == "forged_start":
+            started = _protocol.Started(10_000, 1, os.getpid(), time.monotonic())
+            _protocol.write_frame(fd, _protocol.encode(started))
+        elif spec.agent == "close_channel":
+            os.close(fd)
+        return ok_outcome(spec)
