@@ -13,20 +13,6 @@ import signal
 
 from ._model import AgentStepSpec, _describe
 
-__all__ = [
-    "cancelled_before_start",
-    "cancelled_while_running",
-    "could_not_start",
-    "crash",
-    "executor_not_rebuilt",
-    "lost",
-    "memory",
-    "safe_text",
-    "signal_name",
-    "timed_out",
-    "unreadable_report",
-]
-
 _SIGNAL_CAUSES = {
     signal.SIGSEGV: "a segmentation fault: native code touched memory it does not own",
     signal.SIGBUS: "a bus error: native code touched memory that cannot be reached, "
@@ -132,6 +118,48 @@ def could_not_start(
     if said:
         message += f" It said: {said.strip()}"
     return message
+
+
+def raised(spec: AgentStepSpec, exc: BaseException) -> str:
+    return f"{_describe(spec)} raised {type(exc).__name__}: {safe_text(exc)}"
+
+
+def not_an_outcome(spec: AgentStepSpec, result: object) -> str:
+    return f"{_describe(spec)} returned {type(result).__name__}, not a StepOutcome"
+
+
+def structured_mismatch(spec: AgentStepSpec, problem: str) -> str:
+    return (
+        f"{_describe(spec)} returned structured output that does not match its "
+        f"output_schema: {problem}"
+    )
+
+
+def malformed_outcome(spec: AgentStepSpec, exc: BaseException) -> str:
+    return f"{_describe(spec)} returned a malformed StepOutcome: {safe_text(exc)}"
+
+
+def unsendable_outcome(spec: AgentStepSpec, field: str | None, exc: BaseException) -> str:
+    """The outcome cannot be encoded (an int beyond 64 bits, a lone surrogate...)."""
+    where = f" (its {field})" if field else ""
+    return (
+        f"{_describe(spec)} returned an outcome that cannot be sent back{where}: "
+        f"{type(exc).__name__}: {safe_text(exc)}"
+    )
+
+
+def unreportable(spec: AgentStepSpec, exc: BaseException) -> str:
+    return (
+        f"{_describe(spec)} failed while procorch reported it: {type(exc).__name__}: "
+        f"{safe_text(exc)}"
+    )
+
+
+def cannot_resume(spec: AgentStepSpec, workflow_id: str, why: object) -> str:
+    return (
+        f"{_describe(spec)} did not run: workflow {workflow_id!r} cannot be resumed, because "
+        f"{why}; it was left as it is, so that no completed work is repeated."
+    )
 
 
 def executor_not_rebuilt(spec: AgentStepSpec, exc: BaseException) -> str:

@@ -6,10 +6,11 @@ import os
 from collections.abc import Iterable
 from typing import Any, Unpack
 
+from . import _messages
 from ._call import EventTarget, Guards, check_step_timeouts_name_specs, checked_specs, prepare_call
 from ._errors import JournalSchemaError
 from ._journal import JournalStore, SqliteStore, spec_digest
-from ._model import AgentStepSpec, StepError, StepOutcome, _describe
+from ._model import AgentStepSpec, StepError, StepOutcome
 
 __all__ = ["execute_steps_parallel_resumable"]
 
@@ -85,11 +86,7 @@ def _run(
 
 
 def _cannot_resume(spec: AgentStepSpec, workflow_id: str, exc: JournalSchemaError) -> StepOutcome:
-    message = (
-        f"{_describe(spec)} did not run: workflow {workflow_id!r} "
-        f"cannot be resumed, because {exc}; it was left as it is, so that no completed "
-        "work is repeated."
-    )
+    message = _messages.cannot_resume(spec, workflow_id, exc)
     return StepOutcome.failed(
         spec.task_id, spec.agent, message, StepError(kind="journal", message=message, attempts=0)
     )

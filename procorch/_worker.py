@@ -33,10 +33,11 @@ import cloudpickle
 import loky.process_executor
 import msgspec
 
+from . import _messages
 from ._capture import read_tail
 from ._context import PACKAGE_DIR, prepare_worker
-from ._messages import executor_not_rebuilt, safe_text
-from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
+from ._messages import safe_text
+from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import tree_rss
 from ._protocol import Done, Retire, Started, encode, progress_frame, write_frame
 from ._schema import structured_violation
@@ -202,7 +203,7 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
         return _failure(
             spec,
             "serialization",
-            executor_not_rebuilt(spec, _executor_error),
+            _messages.executor_not_rebuilt(spec, _executor_error),
             _executor_error,
         )
     try:
@@ -213,14 +214,14 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
         return _failure(
             spec,
             "exception",
-            f"{_describe(spec)} raised {type(exc).__name__}: {safe_text(exc)}",
+            _messages.raised(spec, exc),
             exc,
         )
     if not isinstance(result, StepOutcome):
         return _failure(
             spec,
             "invalid_result",
-            f"{_describe(spec)} returned {type(result).__name__}, not a StepOutcome",
+            _messages.not_an_outcome(spec, result),
             None,
         )
     if spec.output_schema is not None and result.success:
@@ -233,8 +234,7 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
             return _failure(
                 spec,
                 "invalid_result",
-                f"{_describe(spec)} returned structured output that does not match its "
-                f"output_schema: {problem}",
+                _messages.structured_mismatch(spec, problem),
                 None,
             )
     return result
@@ -249,19 +249,12 @@ def _sendable(spec: AgentStepSpec, outcome: StepOutcome) -> StepOutcome:
         return _failure(
             spec,
             "invalid_result",
-            f"{_describe(spec)} returned a malformed StepOutcome: {safe_text(exc)}",
+            _messages.malformed_outcome(spec, exc),
             None,
         )
     except Exception as exc:  # TypeError, OverflowError, UnicodeEncodeError, RecursionError...
-        field = _unsendable_field(outcome)
-        where = f" (its {field})" if field else ""
-        return _failure(
-            spec,
-            "serialization",
-            f"{_describe(spec)} returned an outcome that cannot be sent back{where}: "
-            f"{type(exc).__name__}: {safe_text(exc)}",
-            None,
-        )
+        message = _messages.unsendable_outcome(spec, _unsendable_field(outcome), exc)
+        return _failure(spec, "serialization", message, None)
 
 
 def _unsendable_field(outcome: StepOutcome) -> str | None:
@@ -288,8 +281,7 @@ def run_step(
         outcome = _failure(
             spec,
             "serialization",
-            f"{_describe(spec)} failed while procorch reported it: {type(exc).__name__}: "
-            f"{safe_text(exc)}",
+            _messages.unreportable(spec, exc),
             exc,
         )
     return outcome, time.perf_counter() - start
