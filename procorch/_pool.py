@@ -36,6 +36,7 @@ import psutil
 
 from . import _worker
 from ._capture import read_tail
+from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
 from ._procinfo import tree_rss
 from ._protocol import FrameReader
@@ -53,11 +54,19 @@ class _Lane:
         # its own, so the worker's death reads as end-of-file on both pipes.
         self._writers: tuple[Connection, ...] = (channel_writer, crash_writer)
         self.capture_path = capture_path
+        name = os.path.splitext(os.path.basename(capture_path))[0]
+        self.cgroup = LaneCgroup.create(name)  # None where procorch may not make one
         self._pool = loky.ProcessPoolExecutor(
             max_workers=1,
             context=context,
             initializer=_worker._init,
-            initargs=(channel_writer, crash_writer, capture_path, PACKAGE_DIR),
+            initargs=(
+                channel_writer,
+                crash_writer,
+                capture_path,
+                PACKAGE_DIR,
+                None if self.cgroup is None else self.cgroup.path,
+            ),
             timeout=None,
         )
         self._process: Any = None
@@ -137,6 +146,8 @@ class _Lane:
                 self._process.join(timeout=1.0)
         self._pool.shutdown(wait=True, kill_workers=kill)
         self._kill_group()  # whatever a step left running
+        if self.cgroup is not None:
+            self.cgroup.remove()  # and whatever left the process group or the session
         for conn in (self.channel, self._crash_reader, *self._writers):
             conn.close()
         self._writers = ()

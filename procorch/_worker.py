@@ -35,6 +35,7 @@ import msgspec
 
 from . import _messages
 from ._capture import read_tail
+from ._containment import StepContainment
 from ._context import PACKAGE_DIR, prepare_worker
 from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
@@ -50,6 +51,7 @@ _capture_path: str = ""
 _executor_token: str | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
+_containment: StepContainment | None = None  # set by _init
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
@@ -57,9 +59,13 @@ _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
 
 def _init(
-    channel: Connection, crash_channel: Connection, capture_path: str, package_dir: str
+    channel: Connection,
+    crash_channel: Connection,
+    capture_path: str,
+    package_dir: str,
+    cgroup_path: str | None,
 ) -> None:
-    global _channel, _crash_channel, _capture_path
+    global _channel, _crash_channel, _capture_path, _containment
     if os.path.realpath(package_dir) != os.path.realpath(PACKAGE_DIR):
         # Another procorch than the caller's would speak another protocol.
         os.write(
@@ -77,6 +83,7 @@ def _init(
     _crash_channel = crash_channel  # kept referenced: its fd must stay open
     _capture_path = capture_path
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
+    _containment = StepContainment(cgroup_path)
 
 
 def _flush_std_streams() -> None:
@@ -320,6 +327,8 @@ def run_steps(
         sink = _ChannelSink(step, attempt)
         outcome, duration = run_step(spec, token, blob, sink)
         blob = None  # unpickled with the first step; the rest reuse it
+        assert _containment is not None
+        _containment.clean_up()  # nothing the step started outlives it
         if capture and outcome.error is not None:
             outcome = _with_printed(outcome)
         sink.close_with(encode(Done(step, attempt, outcome, duration)))

@@ -472,3 +472,65 @@ class WireTamperingExecutor(AgentExecutor):
         elif spec.agent == "close_channel":
             os.close(fd)
         return ok_outcome(spec)
+
+
+def _daemonize(pid_file: str) -> None:
+    """Start a grandchild that leaves the process group and the session, and sleeps.
+
+    The classic double fork: fork, setsid() in the child, fork again, the
+    child exits, the grandchild (re-parented away from the worker) writes its
+    pid to ``pid_file`` and sleeps. Returns once the pid is written.
+    """
+    child = os.fork()
+    if child == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                with open(pid_file + ".tmp", "w") as out:
+                    out.write(str(os.getpid()))
+                os.rename(pid_file + ".tmp", pid_file)
+                time.sleep(3600)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+class EscapingExecutor(AgentExecutor):
+    """Every step first starts a daemon (see ``_daemonize``), then ends as its agent says.
+
+    Agents: ok, raise, segfault, hang (until killed), fork_bomb (a bounded
+    tree of 30 sleeping processes, then returns). Daemon pids go to
+    ``state_dir``/<task_id>.pid.
+    """
+
+    def __init__(self, state_dir: str, hint: int = 2) -> None:
+        self.state_dir = state_dir
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        _daemonize(os.path.join(self.state_dir, f"{spec.task_id}.pid"))
+        if spec.agent == "raise":
+            raise RuntimeError("after daemonizing")
+        if spec.agent == "segfault":
+            ctypes.string_at(0)
+        if spec.agent == "hang":
+            time.sleep(3600)
+        if spec.agent == "fork_bomb":
+            for _ in range(5):
+                if os.fork() == 0:
+                    for _ in range(5):
+                        if os.fork() == 0:
+                            time.sleep(3600)
+                            os._exit(0)
+                    time.sleep(3600)
+                    os._exit(0)
+        return ok_outcome(spec)
+
+    def daemons(self) -> list[int]:
+        return [int(path.read_text()) for path in Path(self.state_dir).glob("*.pid")]
