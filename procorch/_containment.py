@@ -213,9 +213,12 @@ class StepContainment:
             assert self._procs_fd is not None
             if os.pread(self._procs_fd, 4096, 0) != self._alone:
                 self._kill_half()
+            _reap()  # children that ended on their own are zombies, in no cgroup
+        # A child that ended is listed (a zombie) until reaped, so an empty
+        # list means nothing to kill and nothing to reap.
         elif os.pread(self._children_fd, 4096, 0) or threading.active_count() > self._own_threads:
             self._kill_descendants()
-        _reap()
+            _reap()
 
     def _kill_half(self) -> None:
         assert self._halves is not None

@@ -220,8 +220,8 @@ class StepLifecycle:
 
     def started(self, index: int, attempt: int, pid: int, at: float) -> bool:
         """A worker began the step at ``at`` (its own monotonic clock)."""
-        record = self._current(index, attempt, SENT)
-        if record is None:
+        record = self.steps.get(index)  # _current, inlined: this is the hot path
+        if record is None or record.state is not SENT or attempt != record.attempts + 1:
             return False
         record.state = RUNNING
         record.attempts = attempt
@@ -244,9 +244,13 @@ class StepLifecycle:
 
     def finished(self, index: int, attempt: int, outcome: StepOutcome, duration: float) -> bool:
         """The step's attempt ended with ``outcome`` after ``duration`` s (the worker's measure)."""
-        if self._current(index, attempt, RUNNING) is None:
+        record = self.steps.get(index)  # _current, inlined: this is the hot path
+        if record is None or record.state is not RUNNING or attempt != record.attempts:
             return False
-        self._settle(index, outcome, duration)
+        if outcome.error is None:
+            self._record(index, outcome, duration)
+        else:
+            self._settle(index, outcome, duration)
         return True
 
     def crashed(
@@ -438,8 +442,6 @@ class StepLifecycle:
     def _settle(self, index: int, outcome: StepOutcome, duration: float) -> None:
         """A finished attempt: retry it if the policy says so, else record it."""
         record = self.steps[index]
-        self._running.pop(index, None)
-        record.started_at = None
         error = outcome.error
         policy = self.options.retry
         if (
@@ -449,6 +451,8 @@ class StepLifecycle:
             and error.kind in policy.on
             and record.attempts - record.uncharged < policy.attempts
         ):
+            self._running.pop(index, None)
+            record.started_at = None
             if self.emit is not None:
                 spec = record.spec
                 self._post(
@@ -467,7 +471,9 @@ class StepLifecycle:
     def _record(self, index: int, outcome: StepOutcome, duration: float) -> None:
         """The step's final outcome: keep it, announce it, and forget the step."""
         record = self.steps.pop(index)
-        self._running.pop(index, None)
+        if record.started_at is not None:
+            del self._running[index]
+            record.started_at = None
         charged = max(1, record.attempts - record.uncharged)
         if outcome.error is not None and outcome.error.attempts != charged:
             error = msgspec.structs.replace(outcome.error, attempts=charged)

@@ -276,9 +276,10 @@ class LocalBackend:
             return
         for future, chunk in returned:
             work.chunks.remove((future, chunk))
-            unreported = [step for step in chunk if step in work.sent]
-            if unreported:
-                index, attempt = unreported[0]
+            # Chunks run in order and every Done leaves the front of `sent`: a
+            # returned chunk left unreported steps iff one of them is in front.
+            if work.sent and work.sent[0] in chunk:
+                index, attempt = work.sent[0]
                 self._protocol_fault(
                     work, f"its call returned without reporting step {index} attempt {attempt}"
                 )

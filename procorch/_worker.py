@@ -98,13 +98,18 @@ def _flush_std_streams() -> None:
 
 def _repair_std_streams() -> None:
     """Give the next step working ``sys.stdout``/``sys.stderr`` if a step closed or dropped them."""
-    for name, fd in (("stdout", 1), ("stderr", 2)):
-        stream = getattr(sys, name)
-        if stream is None or getattr(stream, "closed", False) is True:
-            try:
-                setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
-            except OSError:
-                pass
+    stdout, stderr = sys.stdout, sys.stderr
+    if stdout is None or stdout.closed:
+        sys.stdout = _reopen(1, stdout)
+    if stderr is None or stderr.closed:
+        sys.stderr = _reopen(2, stderr)
+
+
+def _reopen(fd: int, stream: Any) -> Any:
+    try:
+        return open(fd, "w", buffering=1, closefd=False)
+    except OSError:
+        return stream
 
 
 def _capture(on: bool) -> None:
