@@ -15,18 +15,31 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fault_executors import (
+    UNENCODABLE_EVENT_DATA,
+    EmitterExecutor,
     IdentityExecutor,
+    LaneExecutor,
 )
-from helpers import spec
+from helpers import GuardExecutor, spec
 
 from procorch import (
     AgentStepSpec,
+    CancelToken,
+    Event,
+    RetryPolicy,
+    StepCrashed,
+    StepFinished,
     StepOutcome,
+    StepProgress,
+    StepRerun,
+    StepStarted,
     execute_steps_parallel,
     stream_steps_parallel,
 )
@@ -220,3 +233,193 @@ def test_unencodable_outcomes_among_thousands_land_on_their_own_steps(
     specs = _mixed_specs()
     out = _bounded(RUNNERS[runner], IdentityExecutor(hint=2), specs, capture_output=capture)
     _assert_identity(out, specs)
+
+
+# -- events whose data cannot be encoded -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(UNENCODABLE_EVENT_DATA))
+def test_unencodable_event_data_raises_in_the_step_which_may_go_on(kind: str) -> None:
+    """emit() raises TypeError for data it cannot encode; a step that catches it succeeds."""
+    seen: list[Event] = []
+    specs = [spec("a"), spec("x", f"catch:{kind}"), spec("b")]
+    out = _bounded(execute_steps_parallel, EmitterExecutor(), specs, events=seen.append)
+    for outcome, step in zip(out, specs, strict=True):
+        assert outcome.task_id == step.task_id and outcome.success, outcome.output
+        assert outcome.output == f"ran: {step.prompt}"
+    caught = out[1].structured["caught"]
+    assert caught is not None, "emit() accepted data it cannot encode"
+    assert caught["type"] == "TypeError", caught
+    assert "event data must be encodable by msgspec" in caught["message"]
+    progress = [e.data for e in seen if isinstance(e, StepProgress) and e.task_id == "x"]
+    assert progress == ["before", "after"]
+    problems = _grammar_problems(seen, specs, out)
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("kind", sorted(UNENCODABLE_EVENT_DATA))
+def test_unencodable_event_data_left_uncaught_fails_its_step(kind: str) -> None:
+    """A step that lets emit()'s error through fails as its own exception, named as such."""
+    specs = [spec("a"), spec("x", f"let:{kind}"), spec("b")]
+    out = _bounded(execute_steps_parallel, EmitterExecutor(), specs)
+    assert out[0].success and out[2].success
+    assert out[1].task_id == "x" and out[1].error is not None
+    assert out[1].error.kind == "exception", out[1].output
+    assert "event data must be encodable by msgspec" in out[1].error.message
+
+
+# -- the events grammar -------------------------------------------------------------------
+
+
+def _grammar_problems(
+    events: list[Event], specs: list[AgentStepSpec], outcomes: list[StepOutcome]
+) -> list[str]:
+    """Where a step's events break ``Started Progress* [Crashed] (Rerun Started ...)* Finished``.
+
+    A step that never started has no events at all (and must have been
+    cancelled); one that started ends in exactly one StepFinished, matching its
+    outcome's success, and nothing follows it.
+    """
+    problems = []
+    by_index: dict[int, list[Event]] = defaultdict(list)
+    for event in events:
+        by_index[event.index].append(event)
+    for index in sorted(set(by_index) - set(range(len(specs)))):
+        problems.append(f"events for index {index}, which no spec has")
+    for index, (step, outcome) in enumerate(zip(specs, outcomes, strict=True)):
+        sequence = by_index.get(index, [])
+        names = [f"{type(e).__name__}({e.attempt})" for e in sequence]
+        where = f"[{index}] {step.task_id}: {names}"
+        if any(e.task_id != step.task_id for e in sequence):
+            problems.append(f"{where}: events name another task_id")
+        if not sequence:
+            if outcome.error is None or outcome.error.kind != "cancelled":
+                problems.append(f"[{index}] {step.task_id}: no events, yet it did not start")
+            continue
+        state, attempt = "new", 1
+        for event in sequence:
+            if state == "finished":
+                problems.append(f"{where}: an event after StepFinished")
+                break
+            expected: tuple[type, ...]
+            if state == "new":
+                expected = (StepStarted,)
+            elif state == "running":
+                expected = (StepProgress, StepCrashed, StepRerun, StepFinished)
+            elif state == "crashed":
+                expected = (StepRerun, StepFinished)
+            else:  # rerun: the next attempt starts, or the step ends while it waits
+                expected = (StepStarted, StepFinished)
+            if not isinstance(event, expected):
+                problems.append(f"{where}: {type(event).__name__} where {state}")
+                break
+            if isinstance(event, StepRerun):
+                attempt += 1
+            allowed = {attempt, attempt - 1} if state == "rerun" else {attempt}
+            if event.attempt not in allowed:
+                problems.append(f"{where}: attempt {event.attempt}, expected {attempt}")
+                break
+            if isinstance(event, StepStarted):
+                state = "running"
+            elif isinstance(event, StepCrashed):
+                state = "crashed"
+            elif isinstance(event, StepRerun):
+                state = "rerun"
+            elif isinstance(event, StepFinished):
+                state = "finished"
+                if event.success != outcome.success:
+                    problems.append(f"{where}: StepFinished success {event.success}")
+        if state != "finished" and not any(p.startswith(where) for p in problems):
+            problems.append(f"{where}: no StepFinished")
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["retries", "call_timeout", "cancel"])
+def test_events_grammar_on_every_path(tmp_path: Path, scenario: str) -> None:
+    """Successes, exceptions, crashes, timeouts, retries and cancellation: one StepFinished each."""
+    executor = GuardExecutor(str(tmp_path), hint=2, succeed_on=2)
+    seen: list[Event] = []
+    token = CancelToken()
+
+    def consumer(event: Event) -> None:
+        seen.append(event)
+        if scenario == "cancel" and isinstance(event, StepStarted) and event.task_id == "hang":
+            token.cancel()
+
+    specs = [
+        spec("ok1"),
+        spec("raise", "always_raise"),
+        spec("crash", "always_crash"),
+        spec("flaky", "flaky"),
+        spec("ok2"),
+        spec("hang", "c_hang"),
+        spec("ok3"),
+        spec("ok4"),
+    ]
+    guards: dict[str, Any] = {"retry": RetryPolicy(attempts=2, backoff=0.05)}
+    if scenario == "retries":
+        guards["step_timeouts"] = {"hang": 1.0}
+    elif scenario == "call_timeout":
+        guards["call_timeout"] = 8.0
+    else:
+        guards["cancel"] = token
+    out = _bounded(execute_steps_parallel, executor, specs, events=consumer, **guards)
+    assert [o.task_id for o in out] == [s.task_id for s in specs]
+    problems = _grammar_problems(seen, specs, out)
+    assert not problems, problems
+    if scenario == "retries":
+        kinds = [o.error.kind if o.error else None for o in out]
+        assert kinds == [None, "exception", "crash", None, None, "timeout", None, None]
+
+
+@pytest.mark.parametrize("how", ["cancel", "call_timeout"])
+def test_step_stopped_during_its_retry_backoff_finishes_exactly_once(
+    tmp_path: Path, how: str
+) -> None:
+    """Cancelled (or out of time) while waiting to be retried: one StepFinished, then nothing."""
+    token = CancelToken()
+    seen: list[Event] = []
+
+    def consumer(event: Event) -> None:
+        seen.append(event)
+        kinds = {(type(e).__name__, e.task_id) for e in seen}
+        if how == "cancel" and {("StepRerun", "never"), ("StepFinished", "ok")} <= kinds:
+            token.cancel()  # 'never' now waits out its backoff; 'ok' is done
+
+    guards: dict[str, Any] = {"retry": RetryPolicy(attempts=3, backoff=600.0)}
+    guards.update({"cancel": token} if how == "cancel" else {"call_timeout": 3.0})
+    specs = [spec("never", "always_raise"), spec("ok")]
+    out = _bounded(
+        execute_steps_parallel, GuardExecutor(str(tmp_path)), specs, events=consumer, **guards
+    )
+    never = out[0]
+    assert never.task_id == "never" and not never.success and never.error is not None
+    assert never.error.kind == "cancelled", never.output
+    assert out[1].success
+    names = [type(e).__name__ for e in seen if e.task_id == "never"]
+    assert names[:2] == ["StepStarted", "StepRerun"]
+    assert names.count("StepFinished") == 1, names
+    assert names[-1] == "StepFinished", names
+    problems = _grammar_problems(seen, specs, out)
+    assert not problems, problems
+
+
+def test_stream_closed_early_finishes_its_started_steps(tmp_path: Path) -> None:
+    """Breaking out of a stream stops its running steps, each ending with one StepFinished."""
+    seen: list[Event] = []
+    specs = [spec("quick", "meet"), spec("h1", "meet_then_hang"), spec("h2", "meet_then_hang")]
+
+    def take_first() -> tuple[int, StepOutcome]:
+        executor = LaneExecutor(str(tmp_path), hint=3, parties=3)
+        for index, outcome in stream_steps_parallel(executor, specs, events=seen.append):
+            return index, outcome  # closes the stream with two steps still running
+        raise AssertionError("the stream yielded nothing")
+
+    index, outcome = _bounded(take_first)
+    assert index == 0 and outcome.success
+    started = {e.task_id for e in seen if isinstance(e, StepStarted)}
+    assert started & {"h1", "h2"}, "the hanging steps had not started: nothing to check"
+    for task_id in sorted(started):
+        names = [type(e).__name__ for e in seen if e.task_id == task_id]
+        assert names.count("StepFinished") == 1 and names[-1] == "StepFinished", (task_id, names)
