@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from fault_executors import (
     UNENCODABLE_EVENT_DATA,
@@ -29,6 +30,7 @@ from fault_executors import (
 )
 from helpers import GuardExecutor, spec
 
+import procorch
 from procorch import (
     AgentStepSpec,
     CancelToken,
@@ -266,6 +268,84 @@ def test_unencodable_event_data_left_uncaught_fails_its_step(kind: str) -> None:
     assert out[1].task_id == "x" and out[1].error is not None
     assert out[1].error.kind == "exception", out[1].output
     assert "event data must be encodable by msgspec" in out[1].error.message
+
+
+# -- a frozen worker ------------------------------------------------------------------------
+
+
+def _warm_workers() -> set[int]:
+    """Our worker processes: descendants other than the resource trackers and the fork server."""
+    me = os.getpid()
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+            if "resource_tracker" in command:
+                continue
+            if child.ppid() == me and "forkserver" in command:
+                continue
+        except psutil.NoSuchProcess:
+            continue
+        found.add(child.pid)
+    return found
+
+
+def _warm_up_two_workers(executor: LaneExecutor) -> list[int]:
+    """Run one step on each of two fresh lanes, left warm; their workers' pids."""
+    procorch.shutdown()
+    first = _bounded(execute_steps_parallel, executor, [spec("m1", "meet"), spec("m2", "meet")])
+    assert all(o.success for o in first)
+    pids = sorted({o.structured["pid"] for o in first})
+    assert len(pids) == 2
+    assert set(pids) <= _warm_workers()
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("guard", "frozen_count"),
+    [({"step_timeout": 2.0}, 1), ({"step_timeout": 2.0}, 2), ({"call_timeout": 30.0}, 1)],
+    ids=["step_timeout-one_frozen", "step_timeout-both_frozen", "call_timeout-one_frozen"],
+)
+def test_frozen_idle_worker_is_replaced_and_costs_no_attempt(
+    tmp_path: Path, guard: dict[str, float], frozen_count: int
+) -> None:
+    """A warm worker stopped between calls: its step runs elsewhere, as attempt 1, and succeeds."""
+    executor = LaneExecutor(str(tmp_path))
+    frozen = set(_warm_up_two_workers(executor)[:frozen_count])
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    seen: list[Event] = []
+    specs = [spec(f"s{i}") for i in range(6)]
+    call = _Background(execute_steps_parallel, executor, specs, events=seen.append, **guard)
+    try:
+        out = call.result()
+    finally:
+        _kill(frozen)  # unblocks a hung call, whose lanes then end normally
+        call.finish()
+    _assert_all_own(out, specs)
+    started = [e for e in seen if isinstance(e, StepStarted)]
+    assert sorted(e.task_id for e in started) == sorted(s.task_id for s in specs)
+    assert all(e.attempt == 1 for e in started)
+    assert not frozen & {e.pid for e in started}
+
+
+def test_worker_frozen_while_running_times_out_alone(tmp_path: Path) -> None:
+    """A step that stops its own worker fails as timeout; the other steps succeed."""
+    executor = LaneExecutor(str(tmp_path))
+    specs = [spec("a"), spec("x", "freeze"), spec("b"), spec("c"), spec("d")]
+    call = _Background(execute_steps_parallel, executor, specs, step_timeout=2.0)
+    try:
+        out = call.result()
+    finally:
+        _kill(executor.pids("frozen"))
+        call.finish()
+    frozen = out[1]
+    assert frozen.task_id == "x" and not frozen.success and frozen.error is not None
+    assert frozen.error.kind == "timeout", frozen.output
+    assert frozen.error.limit == 2.0
+    assert executor.pids("frozen") == {frozen.error.pid}
+    _assert_all_own([out[0], *out[2:]], [specs[0], *specs[2:]])
 
 
 # -- the events grammar -------------------------------------------------------------------
