@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from fault_executors import (
     IdentityExecutor,
     LaneExecutor,
 )
-from helpers import GuardExecutor, spec
+from helpers import GuardExecutor, gone, running, spec
 
 import procorch
 from procorch import (
@@ -346,6 +347,114 @@ def test_worker_frozen_while_running_times_out_alone(tmp_path: Path) -> None:
     assert frozen.error.limit == 2.0
     assert executor.pids("frozen") == {frozen.error.pid}
     _assert_all_own([out[0], *out[2:]], [specs[0], *specs[2:]])
+
+
+# -- a slow events consumer -----------------------------------------------------------------
+
+CONSUMER_DELAY = 2.0  # seconds the slow consumer spends on each event it dwells on
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dwell_on", ["every_event", "StepStarted"])
+def test_slow_events_consumer_never_turns_finished_steps_into_timeouts(
+    tmp_path: Path, dwell_on: str
+) -> None:
+    """A consumer taking 2 s per event, steps of 0.1 s, a 1 s limit: every step succeeds."""
+    seen: list[Event] = []
+
+    def slow_consumer(event: Event) -> None:
+        seen.append(event)
+        if dwell_on == "every_event" or isinstance(event, StepStarted):
+            time.sleep(CONSUMER_DELAY)  # the slowness under test, not a wait for something
+
+    specs = [spec("a", "nap"), spec("b", "nap"), spec("c", "nap")]
+    out = _bounded(
+        execute_steps_parallel,
+        LaneExecutor(str(tmp_path)),
+        specs,
+        events=slow_consumer,
+        step_timeout=1.0,
+    )
+    for outcome, step in zip(out, specs, strict=True):
+        assert outcome.task_id == step.task_id
+        assert outcome.success, outcome.output
+    finished = [e for e in seen if isinstance(e, StepFinished)]
+    assert sorted(e.task_id for e in finished) == ["a", "b", "c"]
+    # Measured in the worker: the consumer's delay is not part of a step's duration.
+    assert all(e.duration < CONSUMER_DELAY for e in finished), finished
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "guard", [{"call_timeout": 3.0}, {"step_timeout": 1.0}], ids=["call_timeout", "step_timeout"]
+)
+def test_slow_stream_consumer_never_turns_finished_steps_into_timeouts(
+    tmp_path: Path, guard: dict[str, float]
+) -> None:
+    """A stream consumer dwelling past the limit while a step finishes: that step succeeds."""
+    limit = next(iter(guard.values()))
+    specs = [spec("quick"), spec("late", "late")]
+
+    def consume() -> dict[int, StepOutcome]:
+        outcomes = {}
+        begin = time.monotonic()  # the limits start later, when the stream opens
+        for index, outcome in stream_steps_parallel(LaneExecutor(str(tmp_path)), specs, **guard):
+            outcomes[index] = outcome
+            if len(outcomes) == 1:
+                deadline = time.monotonic() + BOUND
+                while not (tmp_path / "late-late").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                # Dwell until the limit is long past: the late step's Done is in its pipe.
+                while time.monotonic() < begin + limit + 1.0:
+                    time.sleep(0.05)
+        return outcomes
+
+    outcomes = _bounded(consume)
+    assert sorted(outcomes) == [0, 1]
+    _assert_all_own([outcomes[0]], [specs[0]])
+    late = outcomes[1]
+    assert late.task_id == "late"
+    assert late.success, late.output
+
+
+class ConsumerError(Exception):
+    """What the raising events consumer raises."""
+
+
+@pytest.mark.parametrize(
+    ("raise_on", "guard"),
+    [
+        ("StepStarted", {"step_timeout": 30.0, "call_timeout": 60.0}),
+        ("StepFinished", {"step_timeout": 1.0}),
+        pytest.param("StepFinished", {"call_timeout": 2.0}, marks=pytest.mark.slow),
+    ],
+    ids=["started-with-limits", "finished-after-step-timeout", "finished-after-call-timeout"],
+)
+def test_raising_events_consumer_with_time_limits_raises_and_leaves_nothing(
+    tmp_path: Path, raise_on: str, guard: dict[str, float]
+) -> None:
+    """The consumer's exception ends the call and reaches the caller; no worker is left hanging."""
+    hanging: set[int] = set()
+
+    def raising_consumer(event: Event) -> None:
+        if isinstance(event, StepStarted) and event.task_id.startswith("h"):
+            hanging.add(event.pid)
+        if type(event).__name__ == raise_on and event.task_id == "h1":
+            raise ConsumerError(f"the consumer gave up on {type(event).__name__}")
+
+    specs = [spec("h1", "c_hang"), spec("h2", "c_hang"), spec("a"), spec("b")]
+    with pytest.raises(ConsumerError, match=f"the consumer gave up on {raise_on}"):
+        _bounded(
+            execute_steps_parallel,
+            GuardExecutor(str(tmp_path), hint=2),
+            specs,
+            events=raising_consumer,
+            **guard,
+        )
+    assert hanging
+    assert gone(hanging), f"workers still running: {[p for p in hanging if running(p)]}"
+    out = _bounded(execute_steps_parallel, GuardExecutor(str(tmp_path)), [spec("c"), spec("d")])
+    assert all(o.success for o in out)
 
 
 # -- the events grammar -------------------------------------------------------------------
