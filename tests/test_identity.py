@@ -28,6 +28,7 @@ from fault_executors import (
     EmitterExecutor,
     IdentityExecutor,
     LaneExecutor,
+    StdioExecutor,
 )
 from helpers import GuardExecutor, gone, running, spec
 
@@ -455,6 +456,46 @@ def test_raising_events_consumer_with_time_limits_raises_and_leaves_nothing(
     assert gone(hanging), f"workers still running: {[p for p in hanging if running(p)]}"
     out = _bounded(execute_steps_parallel, GuardExecutor(str(tmp_path)), [spec("c"), spec("d")])
     assert all(o.success for o in out)
+
+
+# -- a step that breaks its own output ----------------------------------------------------
+
+BREAKERS = [
+    "close_stdout",
+    "close_stderr",
+    "close_fd1",
+    "close_fd2",
+    "stdout_none",
+    "stdout_bad_flush",
+]
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["plain", "capture_output"])
+@pytest.mark.parametrize("breaker", BREAKERS)
+def test_step_that_breaks_its_output_keeps_its_own_error(breaker: str, capture: bool) -> None:
+    """A step that closes or replaces its stdout/stderr, then raises, fails with its exception."""
+    [outcome] = _bounded(
+        execute_steps_parallel, StdioExecutor(), [spec("x", breaker)], capture_output=capture
+    )
+    assert outcome.task_id == "x" and not outcome.success and outcome.error is not None
+    assert outcome.error.kind == "exception", outcome.output
+    assert outcome.error.exception_type == "StepOwnError"
+    assert "raised StepOwnError: own error of x" in outcome.error.message
+    assert outcome.error.traceback is not None and "StepOwnError" in outcome.error.traceback
+
+
+@pytest.mark.parametrize("breaker", BREAKERS)
+def test_step_that_breaks_captured_output_leaves_later_steps_alone(breaker: str) -> None:
+    """With capture_output, steps run after it on the same worker print and succeed as usual.
+
+    Capturing points fds 1 and 2 (and so sys.stdout and sys.stderr) at the
+    lane's file for every step, so what one step did to them is not the next
+    one's problem.
+    """
+    specs = [spec("x", breaker), spec("a"), spec("b"), spec("c")]
+    out = _bounded(execute_steps_parallel, StdioExecutor(hint=1), specs, capture_output=True)
+    assert out[0].task_id == "x" and not out[0].success  # how: the test above
+    _assert_all_own(out[1:], specs[1:])
 
 
 # -- the events grammar -------------------------------------------------------------------
