@@ -486,12 +486,9 @@ def test_step_that_breaks_its_output_keeps_its_own_error(breaker: str, capture: 
 
 @pytest.mark.parametrize("breaker", BREAKERS)
 def test_step_that_breaks_captured_output_leaves_later_steps_alone(breaker: str) -> None:
-    """With capture_output, steps run after it on the same worker print and succeed as usual.
-
-    Capturing points fds 1 and 2 (and so sys.stdout and sys.stderr) at the
-    lane's file for every step, so what one step did to them is not the next
-    one's problem.
-    """
+    """With capture_output, steps run after it on the same worker print and succeed as usual."""
+    # Capture points fds 1 and 2 at the lane's file at each step start
+    # (docs/design.md), so what one step did to them is not the next one's problem.
     specs = [spec("x", breaker), spec("a"), spec("b"), spec("c")]
     out = _bounded(execute_steps_parallel, StdioExecutor(hint=1), specs, capture_output=True)
     assert out[0].task_id == "x" and not out[0].success  # how: the test above
