@@ -175,6 +175,16 @@ class StepLifecycle:
         finally:
             self._wake.close()
 
+    def abandon(self) -> None:
+        """The caller stops listening (a stream closed early): end every step now, in words.
+
+        Running steps are stopped and, like the rest, recorded as ``cancelled``;
+        each that started gets its ``StepFinished``, delivered before this returns.
+        """
+        if self.remaining and not self.stopping:
+            self._stop_everything("closed")
+        self._deliver()
+
     def wake(self, *_: object) -> None:
         """Interrupt the current wait, from any thread (steps added, a cancel, a backend's news)."""
         self._wake.poke()
@@ -395,7 +405,11 @@ class StepLifecycle:
         facts = self.backend.stop_all()
         call_timeout = self.options.call_timeout
         deadline = why == "deadline"
-        before = "the call's time limit ran out" if deadline else "the call was cancelled"
+        before = {
+            "deadline": "the call's time limit ran out",
+            "cancelled": "the call was cancelled",
+            "closed": "the stream it belonged to was closed",
+        }[why]
         for index in sorted(self.steps):
             record = self.steps[index]
             spec = record.spec
@@ -407,7 +421,7 @@ class StepLifecycle:
                     message = _messages.call_timed_out(spec, call_timeout, stopped.stopped)
                 else:
                     kind = "cancelled"
-                    message = _messages.cancelled_while_running(spec, stopped.stopped)
+                    message = _messages.cancelled_while_running(spec, stopped.stopped, before)
                 error = StepError(
                     kind=kind,
                     message=message,

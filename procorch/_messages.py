@@ -85,8 +85,11 @@ def call_timed_out(spec: AgentStepSpec, limit: float, stopped: str) -> str:
     )
 
 
-def cancelled_while_running(spec: AgentStepSpec, stopped: str) -> str:
-    return f"{_describe(spec)} was cancelled while running; {stopped}."
+def cancelled_while_running(spec: AgentStepSpec, stopped: str, why: str) -> str:
+    """The call was cancelled (``why``: "the call was cancelled"...) while the step ran."""
+    if why == "the call was cancelled":
+        return f"{_describe(spec)} was cancelled while running; {stopped}."
+    return f"{_describe(spec)} was stopped while running: {why}; {stopped}."
 
 
 def cancelled_before_start(spec: AgentStepSpec, why: str, retrying: bool = False) -> str:
@@ -122,6 +125,14 @@ def could_not_start(
 
 def raised(spec: AgentStepSpec, exc: BaseException) -> str:
     return f"{_describe(spec)} raised {type(exc).__name__}: {safe_text(exc)}"
+
+
+def unprintable(spec: AgentStepSpec, exc: BaseException, why: BaseException) -> str:
+    """The step raised an exception whose ``str()`` itself raised ``why``."""
+    return (
+        f"{_describe(spec)} raised {type(exc).__name__}, but this exception cannot be printed: "
+        f"its __str__ raised {type(why).__name__}: {safe_text(why)}"
+    )
 
 
 def not_an_outcome(spec: AgentStepSpec, result: object) -> str:

@@ -91,6 +91,10 @@ def _stream(
                 dispatch.turn()
             elif exhausted or dispatch.stopping:
                 return
+    except GeneratorExit:  # the caller stopped early: its running steps end in words
+        if opened:
+            dispatch.abandon()
+        raise
     finally:
         if opened:
             dispatch.close()

@@ -223,12 +223,11 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
         if inspect.iscoroutine(result):
             result = _event_loop().run_until_complete(result)
     except BaseException as exc:
-        return _failure(
-            spec,
-            "exception",
-            _messages.raised(spec, exc),
-            exc,
-        )
+        try:
+            str(exc)
+        except BaseException as why:  # its own report cannot be made: say so, with both types
+            return _failure(spec, "serialization", _messages.unprintable(spec, exc, why), exc)
+        return _failure(spec, "exception", _messages.raised(spec, exc), exc)
     if not isinstance(result, StepOutcome):
         return _failure(
             spec,
