@@ -110,6 +110,17 @@ class LaneCgroup:
             return None
         return cls(path)
 
+    def pids(self) -> list[int]:
+        """Every process of the lane: the worker and all its steps started, wherever they went."""
+        found: list[int] = []
+        for half in ("a", "b"):
+            try:
+                with open(os.path.join(self.path, half, "cgroup.procs"), "rb") as procs:
+                    found.extend(int(pid) for pid in procs.read().split())
+            except OSError:
+                continue
+        return found
+
     def kill(self) -> None:
         """SIGKILL every process of the lane, the worker included, wherever it went."""
         _kill(self.path)

@@ -410,8 +410,8 @@ class LocalBackend:
         for work in self.works:
             if work.running is None:
                 continue
-            used = work.lane.memory()
-            if used > limit:
+            used = work.lane.memory_over(limit)
+            if used is not None:
                 index, attempt = work.running
                 spec = self._steps().spec(index)
                 facts = self._kill_running(work)

@@ -38,7 +38,7 @@ from . import _worker
 from ._capture import read_tail
 from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
-from ._procinfo import tree_rss
+from ._procinfo import memory_over, tree_pids
 from ._protocol import FrameReader
 
 
@@ -124,9 +124,16 @@ class _Lane:
         """The end of what the lane's current step wrote to fds 1 and 2."""
         return read_tail(self.capture_path)
 
-    def memory(self) -> int:
-        """Resident bytes of the worker and every process its steps started."""
-        return 0 if self._process is None else tree_rss(self._process.pid)
+    def memory_over(self, limit: int) -> int | None:
+        """The real memory of the worker and everything its steps started, if over ``limit``.
+
+        With a lane cgroup, "everything" includes processes that left the
+        worker's tree (daemons); otherwise it is the worker's descendants.
+        """
+        if self._process is None:
+            return None
+        pids = self.cgroup.pids() if self.cgroup is not None else []
+        return memory_over(pids or tree_pids(self._process.pid), limit)
 
     def _kill_group(self) -> None:
         """SIGKILL the worker's process group: the worker and what its steps started."""

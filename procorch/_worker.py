@@ -39,7 +39,7 @@ from ._containment import StepContainment
 from ._context import PACKAGE_DIR, prepare_worker
 from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
-from ._procinfo import tree_rss
+from ._procinfo import memory_over, rss, tree_pids
 from ._protocol import Done, Retire, Started, encode, progress_frame, write_frame
 from ._schema import structured_violation
 
@@ -319,9 +319,9 @@ def run_steps(
         _capture(False)
     for step, attempt, spec_bytes in chunk:
         if retire_above is not None and not _retired:
-            _retired = tree_rss(os.getpid()) > retire_above
+            _retired = memory_over(tree_pids(os.getpid()), retire_above) is not None
         if _retired:
-            _send(encode(Retire(step, attempt, tree_rss(os.getpid()))))
+            _send(encode(Retire(step, attempt, rss(tree_pids(os.getpid())))))
             return
         _repair_std_streams()
         if capture:

@@ -534,3 +534,37 @@ class EscapingExecutor(AgentExecutor):
 
     def daemons(self) -> list[int]:
         return [int(path.read_text()) for path in Path(self.state_dir).glob("*.pid")]
+
+
+class SharingExecutor(AgentExecutor):
+    """Agent 'share': touches ``mib`` MiB, forks 3 children that keep the pages shared, holds
+    them for ``hold`` seconds, then returns. Agent 'hog' keeps allocating until stopped."""
+
+    def __init__(self, mib: int = 80, hold: float = 1.0) -> None:
+        self.mib = mib
+        self.hold = hold
+
+    def concurrency_hint(self) -> int:
+        return 2
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        if spec.agent == "hog":
+            hoard = []
+            while True:
+                block = bytearray(16 * 2**20)
+                block[::4096] = b"x" * len(block[::4096])
+                hoard.append(block)
+        data = bytearray(self.mib * 2**20)
+        data[::4096] = b"x" * len(data[::4096])  # every page written: really resident
+        children = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(3600)
+                os._exit(0)
+            children.append(pid)
+        time.sleep(self.hold)  # long enough for several readings of the memory guard
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        return ok_outcome(spec, structured={"touched": len(data)})

@@ -91,3 +91,15 @@ def test_subreaper_contains_steps_without_cgroups(tmp_path: Path) -> None:
         _kill(EscapingExecutor(str(tmp_path)).daemons())
     assert result.returncode == 0, result.stderr
     assert "contained" in result.stdout
+
+
+def test_memory_cap_counts_shared_pages_once() -> None:
+    """80 MiB shared with 3 forked children is about 100 MiB, not 400: under a 200 MiB cap."""
+    from helpers import SharingExecutor
+
+    out = execute_steps_parallel(
+        SharingExecutor(), [spec("share", "share"), spec("hog", "hog")], memory_limit=200 * 2**20
+    )
+    assert out[0].success, out[0].output
+    assert out[1].error is not None and out[1].error.kind == "memory", out[1].output
+    assert out[1].error.memory is not None and out[1].error.memory > 200 * 2**20
