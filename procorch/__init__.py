@@ -26,6 +26,7 @@ from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
 from ._resumable import execute_steps_parallel_resumable
+from ._sandbox import Sandbox
 from ._schema import output_schema_for
 from ._stream import stream_steps_parallel
 
@@ -45,6 +46,7 @@ __all__ = [
     "JournalStore",
     "ProcessPool",
     "RetryPolicy",
+    "Sandbox",
     "SqliteStore",
     "Stage",
     "StepCrashed",

@@ -23,6 +23,7 @@ from ._lifecycle import StepLifecycle
 from ._local import LOCAL_GUARDS, LocalBackend
 from ._model import AgentStepSpec, StepOutcome
 from ._options import CallOptions
+from ._sandbox import Sandbox, check_sandbox
 from ._schema import check_output_schema
 
 EventTarget = Callable[[Event], Any] | Any
@@ -42,6 +43,7 @@ class Guards(TypedDict, total=False):
     retry: RetryPolicy | None
     capture_output: bool
     cancel: CancelToken | None
+    sandbox: Sandbox | None
     backend: Any
 
 
@@ -223,6 +225,7 @@ def _call_options(guards: Guards) -> CallOptions:
         retry=retry,
         capture=bool(guards.get("capture_output", False)),
         cancel=cancel,
+        sandbox=check_sandbox(guards.get("sandbox")),
     )
 
 

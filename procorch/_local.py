@@ -46,6 +46,7 @@ from ._backend import StopFacts
 from ._model import StepError
 from ._options import CallOptions
 from ._pool import _engine, _Lane
+from ._procinfo import memory_over
 from ._protocol import Done, Progress, Retire, Started, decode_frame
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ __all__ = ["LOCAL_GUARDS", "LocalBackend"]
 
 LOCAL_GUARDS = frozenset(
     {
+        "sandbox",
         "step_timeout",
         "step_timeouts",
         "call_timeout",
@@ -90,6 +92,8 @@ _LAST_RETURN_SECONDS = 2.0
 _MEMORY_POLL_SECONDS = 0.02
 
 _Id = tuple[int, int]  # (step index, attempt)
+
+_SIGXCPU = -24  # the exit code of a worker that went over RLIMIT_CPU
 
 
 class _LaneWork:
@@ -139,6 +143,9 @@ class LocalBackend:
         limit = options.memory_limit
         self.retire_above = None if limit is None else limit // 2
         self.next_memory_check = 0.0
+        sandbox = options.sandbox
+        self.max_processes = None if sandbox is None else sandbox.processes
+        self._watch_usage = limit is not None or self.max_processes is not None
         self.steps: StepLifecycle | None = None
 
     # -- the seam ----------------------------------------------------------------------
@@ -170,6 +177,7 @@ class LocalBackend:
                     [(index, attempt, steps.data(index)) for index, attempt in chunk],
                     self.options.capture,
                     self.retire_above,
+                    self.options.sandbox,
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.
@@ -191,7 +199,7 @@ class LocalBackend:
         wake_at = [
             work.waiting_since + bound for work in self.works if work.waiting_since is not None
         ]
-        if self.options.memory_limit is not None and any(w.running for w in self.works):
+        if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
         return min(wake_at) if wake_at else None
 
@@ -199,7 +207,7 @@ class LocalBackend:
         for work in self.works:
             self._service(work)
         self._check_announcements()
-        self._check_memory()
+        self._check_usage()
 
     def stop(self, index: int) -> StopFacts:
         for work in self.works:
@@ -336,10 +344,23 @@ class LocalBackend:
             work.sent.remove(running)
             self._give_back(work)
         self._replace_lane(work)
-        if running is not None:
-            self._steps().crashed(
-                *running, pid=pid, exit_code=exit_code, dump=dump, printed=printed
+        if running is None:
+            return
+        sandbox = self.options.sandbox
+        if sandbox is not None and sandbox.cpu_seconds is not None and exit_code == _SIGXCPU:
+            spec = self._steps().spec(running[0])
+            error = StepError(
+                kind="cpu_time",
+                message=_messages.cpu_time(spec, pid, sandbox.cpu_seconds),
+                exit_code=exit_code,
+                signal="SIGXCPU",
+                pid=pid,
+                limit=float(sandbox.cpu_seconds),
+                printed=printed,
             )
+            self._steps().failed(*running, error)
+            return
+        self._steps().crashed(*running, pid=pid, exit_code=exit_code, dump=dump, printed=printed)
 
     def _on_broken_worker(self, work: _LaneWork, exc: BaseException) -> None:
         """The worker's call raised: it can no longer report (a step broke its channel?)."""
@@ -401,17 +422,35 @@ class LocalBackend:
             self._give_back(work, death=(pid, None, said))
             self._replace_lane(work)
 
-    def _check_memory(self) -> None:
+    def _check_usage(self) -> None:
+        """The memory cap and the sandbox's process count, read every _MEMORY_POLL_SECONDS."""
         limit = self.options.memory_limit
         now = time.monotonic()
-        if limit is None or now < self.next_memory_check:
+        if not self._watch_usage or now < self.next_memory_check:
             return
         self.next_memory_check = now + _MEMORY_POLL_SECONDS
         for work in self.works:
             if work.running is None:
                 continue
-            used = work.lane.memory_over(limit)
+            pids = work.lane.pids()
+            if self.max_processes is not None and len(pids) - 1 > self.max_processes:
+                index, attempt = work.running
+                spec = self._steps().spec(index)
+                facts = self._kill_running(work)
+                words = f"it had {len(pids) - 1} processes running, more than the "
+                words += f"{self.max_processes} allowed, so they were killed"
+                error = StepError(
+                    kind="processes",
+                    message=_messages.sandbox_breach(spec, words, None),
+                    pid=facts.pid,
+                    limit=float(self.max_processes),
+                    printed=facts.printed,
+                )
+                self._steps().failed(index, attempt, error)
+                continue
+            used = None if limit is None else memory_over(pids, limit)
             if used is not None:
+                assert limit is not None
                 index, attempt = work.running
                 spec = self._steps().spec(index)
                 facts = self._kill_running(work)

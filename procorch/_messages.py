@@ -173,6 +173,26 @@ def cannot_resume(spec: AgentStepSpec, workflow_id: str, why: object) -> str:
     )
 
 
+def cpu_time(spec: AgentStepSpec, pid: int | None, limit: float) -> str:
+    return (
+        f"{_describe(spec)} went over a limit of its sandbox: it used more than the {limit:g} s "
+        f"of CPU time allowed, so the kernel stopped its worker process (pid {pid}) with SIGXCPU."
+    )
+
+
+def sandbox_failed(spec: AgentStepSpec, exc: BaseException) -> str:
+    return (
+        f"{_describe(spec)} did not run: its sandbox could not be set up in the worker: "
+        f"{type(exc).__name__}: {safe_text(exc)}"
+    )
+
+
+def sandbox_breach(spec: AgentStepSpec, words: str, exc: BaseException | None) -> str:
+    """The step ran into a limit of its sandbox (``words`` says which)."""
+    cause = "" if exc is None else f" ({type(exc).__name__}: {safe_text(exc)})"
+    return f"{_describe(spec)} went over a limit of its sandbox: {words}{cause}."
+
+
 def executor_not_rebuilt(spec: AgentStepSpec, exc: BaseException) -> str:
     return (
         f"{_describe(spec)} did not run: its executor could not be rebuilt in the worker "

@@ -23,6 +23,11 @@ ErrorKind = Literal[
     "invalid_result",
     "serialization",
     "internal",
+    "cpu_time",
+    "open_files",
+    "processes",
+    "file_size",
+    "network",
 ]
 """Why a step failed; see :class:`StepError`."""
 
@@ -81,7 +86,11 @@ class StepError(msgspec.Struct, frozen=True, omit_defaults=True):
       :class:`StepOutcome`.
     - ``serialization``: the executor could not be rebuilt in the worker, or
       its outcome could not be sent back.
-    - ``internal``: procorch itself lost track of the step (a bug: report it).
+    - ``internal``: procorch itself lost track of the step (a bug: report it),
+      or could not follow its worker's report (a step that wrote to or closed
+      procorch's own file descriptors).
+    - ``cpu_time``, ``open_files``, ``processes``, ``file_size``, ``network``:
+      the step went over that limit of its :class:`Sandbox`; ``limit`` holds it.
 
     ``attempts`` counts how many times the step was started. ``printed`` holds
     the last few kilobytes the step wrote to its standard output and error,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ._guards import CancelToken, RetryPolicy
+from ._sandbox import Sandbox
 
 __all__ = ["CallOptions"]
 
@@ -18,6 +19,7 @@ class CallOptions:
         "capture",
         "memory_limit",
         "retry",
+        "sandbox",
         "step_timeout",
         "step_timeouts",
     )
@@ -32,6 +34,7 @@ class CallOptions:
         retry: RetryPolicy | None = None,
         capture: bool = False,
         cancel: CancelToken | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.step_timeout = step_timeout
         self.step_timeouts = step_timeouts or {}
@@ -40,3 +43,4 @@ class CallOptions:
         self.retry = retry
         self.capture = capture
         self.cancel = cancel
+        self.sandbox = sandbox

@@ -38,7 +38,7 @@ from . import _worker
 from ._capture import read_tail
 from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
-from ._procinfo import memory_over, tree_pids
+from ._procinfo import tree_pids
 from ._protocol import FrameReader
 
 
@@ -83,11 +83,12 @@ class _Lane:
         chunk: list[tuple[int, int, bytes]],
         capture: bool,
         retire_above: int | None,
+        sandbox: Any = None,
     ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
         shipped = None if token == self.executor_token else blob
         future: Future[None] = self._pool.submit(
-            _worker.run_steps, token, shipped, chunk, capture, retire_above
+            _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox
         )
         self.executor_token = token
         if self._writers:  # the first submit started the worker process
@@ -124,16 +125,16 @@ class _Lane:
         """The end of what the lane's current step wrote to fds 1 and 2."""
         return read_tail(self.capture_path)
 
-    def memory_over(self, limit: int) -> int | None:
-        """The real memory of the worker and everything its steps started, if over ``limit``.
+    def pids(self) -> list[int]:
+        """The worker and every process its steps started that is still running.
 
-        With a lane cgroup, "everything" includes processes that left the
-        worker's tree (daemons); otherwise it is the worker's descendants.
+        With a lane cgroup, that includes processes that left the worker's
+        tree (daemons); otherwise it is the worker's descendants.
         """
         if self._process is None:
-            return None
+            return []
         pids = self.cgroup.pids() if self.cgroup is not None else []
-        return memory_over(pids or tree_pids(self._process.pid), limit)
+        return pids or tree_pids(self._process.pid)
 
     def _kill_group(self) -> None:
         """SIGKILL the worker's process group: the worker and what its steps started."""

@@ -41,6 +41,7 @@ from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
 from ._protocol import Done, Retire, Started, encode, progress_frame, write_frame
+from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
 
 _channel: Connection | None = None
@@ -52,6 +53,7 @@ _executor_token: str | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
 _containment: StepContainment | None = None  # set by _init
+_raised: BaseException | None = None  # what the current step raised, if anything
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
@@ -223,6 +225,8 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
         if inspect.iscoroutine(result):
             result = _event_loop().run_until_complete(result)
     except BaseException as exc:
+        global _raised
+        _raised = exc
         try:
             str(exc)
         except BaseException as why:  # its own report cannot be made: say so, with both types
@@ -304,8 +308,11 @@ def run_steps(
     chunk: Sequence[tuple[int, int, bytes]],
     capture: bool,
     retire_above: int | None,
+    sandbox: Sandbox | None = None,
 ) -> None:
     """Run a chunk of (step, attempt, spec bytes) in order, reporting each on the channel.
+
+    With ``sandbox``, each step runs inside its limits (see ``_sandbox``).
 
     With ``retire_above``, the worker checks its memory before each step and
     stops taking steps once it (with its children) holds more than that: it
@@ -313,7 +320,7 @@ def run_steps(
     when the channel itself is broken (a step closed it, say): then nothing
     more can be reported and the parent stops the lane.
     """
-    global _retired
+    global _retired, _raised
     assert _channel is not None, "worker used before _init"
     if not capture:
         _capture(False)
@@ -329,13 +336,44 @@ def run_steps(
         _send(encode(Started(step, attempt, os.getpid(), time.monotonic())))
         spec = _decode_spec(spec_bytes)
         sink = _ChannelSink(step, attempt)
-        outcome, duration = run_step(spec, token, blob, sink)
+        _raised = None
+        if sandbox is None:
+            outcome, duration = run_step(spec, token, blob, sink)
+        else:
+            outcome, duration = _run_jailed(spec, token, blob, sink, sandbox)
         blob = None  # unpickled with the first step; the rest reuse it
+        _raised = None
         assert _containment is not None
         _containment.clean_up()  # nothing the step started outlives it
         if capture and outcome.error is not None:
             outcome = _with_printed(outcome)
         sink.close_with(encode(Done(step, attempt, outcome, duration)))
+
+
+def _run_jailed(
+    spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any, sandbox: Sandbox
+) -> tuple[StepOutcome, float]:
+    """``run_step`` inside the sandbox; a step that ran into one of its limits fails naming it."""
+    jail = StepJail(sandbox)
+    try:
+        jail.enter()
+    except OSError as exc:
+        jail.leave()
+        message = _messages.sandbox_failed(spec, exc)
+        return _failure(spec, "internal", message, exc), 0.0
+    try:
+        outcome, duration = run_step(spec, token, blob, sink)
+    finally:
+        jail.leave()
+    breach = jail.breach(_raised) if outcome.error is not None else None
+    if breach is not None:
+        kind, words = breach
+        message = _messages.sandbox_breach(spec, words, _raised)
+        failure = _failure(spec, kind, message, _raised)  # type: ignore[arg-type]
+        assert failure.error is not None
+        error = msgspec.structs.replace(failure.error, limit=jail.limit_of(kind))
+        outcome = msgspec.structs.replace(failure, error=error)
+    return outcome, duration
 
 
 def _with_printed(outcome: StepOutcome) -> StepOutcome:

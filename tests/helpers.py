@@ -568,3 +568,54 @@ class SharingExecutor(AgentExecutor):
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         return ok_outcome(spec, structured={"touched": len(data)})
+
+
+class SandboxExecutor(AgentExecutor):
+    """Each step tries to do what its agent names, to test the ``Sandbox`` limits.
+
+    Agents: ok; busy (a CPU loop of 30 s at most); open_many (opens 300 files
+    and keeps them); fork_many (starts 20 sleeping children and waits 30 s);
+    write_big (writes 8 MiB to a file); connect (connects to the port in the
+    prompt on 127.0.0.1); scratch (writes a file in its directory and in
+    TMPDIR, returns both paths); env (returns PROCORCH_SECRET, or '<unset>').
+    """
+
+    def concurrency_hint(self) -> int:
+        return 2
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        import socket
+        import tempfile
+
+        agent = spec.agent
+        if agent == "busy":
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                pass
+        elif agent == "open_many":
+            kept = [open(os.devnull) for _ in range(300)]
+            return ok_outcome(spec, structured={"opened": len(kept)})
+        elif agent == "fork_many":
+            for _ in range(20):
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+            time.sleep(30)
+        elif agent == "write_big":
+            with tempfile.TemporaryFile() as out:
+                for _ in range(8):
+                    out.write(b"x" * 2**20)
+        elif agent == "connect":
+            with socket.create_connection(("127.0.0.1", int(spec.prompt)), timeout=10) as conn:
+                conn.sendall(b"hello")
+        elif agent == "scratch":
+            here = os.path.abspath("made-here.txt")
+            Path(here).write_text("x")
+            with tempfile.NamedTemporaryFile(delete=False) as temp:
+                temp.write(b"x")
+            return ok_outcome(spec, structured={"cwd": os.getcwd(), "files": [here, temp.name]})
+        elif agent == "env":
+            return ok_outcome(
+                spec, structured={"secret": os.environ.get("PROCORCH_SECRET", "<unset>")}
+            )
+        return ok_outcome(spec, structured={"cwd": os.getcwd()})
