@@ -8,7 +8,13 @@ from ._aio import (
 )
 from ._combinators import Stage, execute_loop, execute_pipeline
 from ._dask import DaskBackend
-from ._errors import ExecutorError, InvalidSpecError, JournalSchemaError, WorkflowLockedError
+from ._errors import (
+    ExecutorError,
+    InvalidSpecError,
+    JournalSchemaError,
+    StepTimeout,
+    WorkflowLockedError,
+)
 from ._events import (
     Event,
     EventSink,
@@ -57,6 +63,7 @@ __all__ = [
     "StepProgress",
     "StepRerun",
     "StepStarted",
+    "StepTimeout",
     "WorkflowJournal",
     "WorkflowLockedError",
     "execute_loop",

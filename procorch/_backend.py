@@ -12,6 +12,7 @@ turns::
     wait_handles(), next_wakeup()
                                 what the lifecycle's wait() should also watch
     poll()                      read everything that arrived; report it
+    interrupt(index)            raise StepTimeout in a running step (a soft time limit)
     stop(index) / stop_all()    kill what runs a step (a guard acted)
     close()                     once, whatever happened
 
@@ -62,6 +63,10 @@ class StepBackend(Protocol):
     def poll(self) -> None: ...
 
     def stop(self, index: int) -> StopFacts: ...
+
+    def interrupt(self, index: int) -> bool:
+        """Raise ``StepTimeout`` in a running step (a soft limit); False if not possible."""
+        ...
 
     def stop_all(self) -> dict[int, StopFacts]: ...
 

@@ -44,6 +44,7 @@ class Guards(TypedDict, total=False):
     capture_output: bool
     cancel: CancelToken | None
     sandbox: Sandbox | None
+    timeout_grace: float | None
     backend: Any
 
 
@@ -211,6 +212,9 @@ def _call_options(guards: Guards) -> CallOptions:
         isinstance(memory_limit, bool) or not isinstance(memory_limit, int) or memory_limit <= 0
     ):
         raise ValueError(f"memory_limit must be a number of bytes > 0 (got {memory_limit!r})")
+    timeout_grace = guards.get("timeout_grace")
+    if timeout_grace is not None:
+        _positive("timeout_grace", timeout_grace)
     retry = guards.get("retry")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise TypeError(f"retry must be a RetryPolicy (got {type(retry).__name__})")
@@ -226,6 +230,7 @@ def _call_options(guards: Guards) -> CallOptions:
         capture=bool(guards.get("capture_output", False)),
         cancel=cancel,
         sandbox=check_sandbox(guards.get("sandbox")),
+        timeout_grace=timeout_grace,
     )
 
 

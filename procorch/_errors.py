@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-__all__ = ["ExecutorError", "InvalidSpecError", "JournalSchemaError", "WorkflowLockedError"]
+__all__ = [
+    "ExecutorError",
+    "InvalidSpecError",
+    "JournalSchemaError",
+    "StepTimeout",
+    "WorkflowLockedError",
+]
+
+
+class StepTimeout(BaseException):
+    """Raised inside a running step when its time limit runs out and the call has ``timeout_grace``.
+
+    The step has ``timeout_grace`` seconds to unwind (``finally`` blocks and
+    context managers run) before its worker is killed. Like
+    ``KeyboardInterrupt`` it is not an ``Exception``, so a broad ``except
+    Exception`` in the step does not swallow it. The step's outcome is
+    ``timeout`` whatever the step does with it.
+    """
 
 
 class InvalidSpecError(ValueError):

@@ -66,6 +66,7 @@ class StepRecord:
         "data",
         "limit",
         "pid",
+        "soft_stopped",
         "spec",
         "started_at",
         "state",
@@ -82,6 +83,7 @@ class StepRecord:
         self.uncharged = 0  # of those, attempts a backend cut short without a verdict
         self.started_at: float | None = None  # the worker's clock at the running attempt's start
         self.pid: int | None = None
+        self.soft_stopped = False  # StepTimeout was raised in the running attempt
         self.unstarted_deaths = 0  # workers that died or froze before it could start
 
 
@@ -237,6 +239,7 @@ class StepLifecycle:
         record.attempts = attempt
         record.started_at = at
         record.pid = pid
+        record.soft_stopped = False
         record.unstarted_deaths = 0
         self._running[index] = record
         if self.emit is not None:
@@ -257,6 +260,12 @@ class StepLifecycle:
         record = self.steps.get(index)  # _current, inlined: this is the hot path
         if record is None or record.state is not RUNNING or attempt != record.attempts:
             return False
+        if record.soft_stopped:  # whatever the step made of StepTimeout, it ran out of time
+            assert record.limit is not None
+            grace = duration - record.limit
+            message = _messages.soft_timed_out(record.spec, record.limit, grace, outcome)
+            error = StepError(kind="timeout", message=message, pid=record.pid, limit=record.limit)
+            outcome = self._failed_outcome(record.spec, error)
         if outcome.error is None:
             self._record(index, outcome, duration)
         else:
@@ -384,11 +393,22 @@ class StepLifecycle:
             and record.started_at is not None
             and now >= record.started_at + record.limit
         ]
+        grace = self.options.timeout_grace
         for index in late:
             record = self.steps[index]
-            assert record.limit is not None
+            assert record.limit is not None and record.started_at is not None
+            if grace is not None and not record.soft_stopped:
+                record.soft_stopped = self.backend.interrupt(index)
+                if record.soft_stopped:
+                    continue  # the hard limit is `grace` seconds later
+            elif grace is not None and now < record.started_at + record.limit + grace:
+                continue
             facts = self.backend.stop(index)
-            message = _messages.timed_out(record.spec, record.limit, facts.stopped)
+            if record.soft_stopped:
+                assert grace is not None
+                message = _messages.grace_ran_out(record.spec, record.limit, grace, facts.stopped)
+            else:
+                message = _messages.timed_out(record.spec, record.limit, facts.stopped)
             error = StepError(
                 kind="timeout",
                 message=message,
@@ -532,9 +552,11 @@ class StepLifecycle:
             wake_at.append(self.deadline)
         if self._delayed:
             wake_at.append(self._delayed[0][0])
+        grace = self.options.timeout_grace or 0.0
         for record in self._running.values():
             if record.limit is not None and record.started_at is not None:
-                wake_at.append(record.started_at + record.limit)
+                hard = grace if record.soft_stopped else 0.0
+                wake_at.append(record.started_at + record.limit + hard)
         backend_wakeup = self.backend.next_wakeup()
         if backend_wakeup is not None:
             wake_at.append(backend_wakeup)

@@ -57,6 +57,7 @@ __all__ = ["LOCAL_GUARDS", "LocalBackend"]
 LOCAL_GUARDS = frozenset(
     {
         "sandbox",
+        "timeout_grace",
         "step_timeout",
         "step_timeouts",
         "call_timeout",
@@ -214,6 +215,13 @@ class LocalBackend:
             if work.running is not None and work.running[0] == index:
                 return self._kill_running(work)
         return StopFacts()
+
+    def interrupt(self, index: int) -> bool:
+        for work in self.works:
+            if work.running is not None and work.running[0] == index:
+                work.lane.interrupt(*work.running)
+                return True
+        return False
 
     def stop_all(self) -> dict[int, StopFacts]:
         facts = {}

@@ -78,6 +78,23 @@ def timed_out(spec: AgentStepSpec, limit: float, stopped: str) -> str:
     return f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, so {stopped}."
 
 
+def soft_timed_out(spec: AgentStepSpec, limit: float, after: float, outcome: object) -> str:
+    """The step ended within its grace after StepTimeout was raised in it."""
+    ended = "returned anyway" if getattr(outcome, "success", False) else "ended"
+    return (
+        f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, so "
+        f"StepTimeout was raised in it, and it {ended} {max(0.0, after):.1f} s later, within "
+        "its grace."
+    )
+
+
+def grace_ran_out(spec: AgentStepSpec, limit: float, grace: float, stopped: str) -> str:
+    return (
+        f"{_describe(spec)} timed out: it ran for more than its {limit:g} s limit, StepTimeout "
+        f"was raised in it, and it was still running {grace:g} s later, so {stopped}."
+    )
+
+
 def call_timed_out(spec: AgentStepSpec, limit: float, stopped: str) -> str:
     return (
         f"{_describe(spec)} timed out: the call's {limit:g} s limit ran out while it was "

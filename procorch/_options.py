@@ -22,6 +22,7 @@ class CallOptions:
         "sandbox",
         "step_timeout",
         "step_timeouts",
+        "timeout_grace",
     )
 
     def __init__(
@@ -35,6 +36,7 @@ class CallOptions:
         capture: bool = False,
         cancel: CancelToken | None = None,
         sandbox: Sandbox | None = None,
+        timeout_grace: float | None = None,
     ) -> None:
         self.step_timeout = step_timeout
         self.step_timeouts = step_timeouts or {}
@@ -44,3 +46,4 @@ class CallOptions:
         self.capture = capture
         self.cancel = cancel
         self.sandbox = sandbox
+        self.timeout_grace = timeout_grace

@@ -39,7 +39,7 @@ from ._capture import read_tail
 from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
 from ._procinfo import tree_pids
-from ._protocol import FrameReader
+from ._protocol import SOFT_STOP, SOFT_STOP_SIGNAL, FrameReader
 
 
 class _Lane:
@@ -50,9 +50,11 @@ class _Lane:
         self.channel, channel_writer = context.Pipe(duplex=False)
         self.frames = FrameReader(self.channel.fileno())
         self._crash_reader, crash_writer = context.Pipe(duplex=False)
-        # The parent drops its copies of the write ends once the worker holds
-        # its own, so the worker's death reads as end-of-file on both pipes.
-        self._writers: tuple[Connection, ...] = (channel_writer, crash_writer)
+        # The one pipe the other way: which step a soft time limit is for.
+        control_reader, self._control = context.Pipe(duplex=False)
+        # The parent drops its copies of the worker's ends once the worker
+        # holds its own, so the worker's death reads as end-of-file.
+        self._writers: tuple[Connection, ...] = (channel_writer, crash_writer, control_reader)
         self.capture_path = capture_path
         name = os.path.splitext(os.path.basename(capture_path))[0]
         self.cgroup = LaneCgroup.create(name)  # None where procorch may not make one
@@ -66,6 +68,7 @@ class _Lane:
                 capture_path,
                 PACKAGE_DIR,
                 None if self.cgroup is None else self.cgroup.path,
+                control_reader,
             ),
             timeout=None,
         )
@@ -97,6 +100,20 @@ class _Lane:
                 writer.close()
             self._writers = ()
         return future
+
+    def interrupt(self, step: int, attempt: int) -> None:
+        """Raise ``StepTimeout`` in the worker's step, if it is still running that step.
+
+        The worker checks the step named on the control pipe against the one it
+        runs, so a signal that arrives after the step ended never reaches the next.
+        """
+        if self._process is None:
+            return
+        try:
+            os.write(self._control.fileno(), SOFT_STOP.pack(step, attempt))
+            os.kill(self._process.pid, SOFT_STOP_SIGNAL)
+        except (OSError, ProcessLookupError):
+            pass
 
     def exit_code(self) -> int | None:
         """The dead worker's exit code (negative: the signal that killed it)."""
@@ -156,7 +173,7 @@ class _Lane:
         self._kill_group()  # whatever a step left running
         if self.cgroup is not None:
             self.cgroup.remove()  # and whatever left the process group or the session
-        for conn in (self.channel, self._crash_reader, *self._writers):
+        for conn in (self.channel, self._crash_reader, self._control, *self._writers):
             conn.close()
         self._writers = ()
         try:

@@ -15,6 +15,7 @@ dies with it.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 from typing import Any
 
@@ -76,6 +77,12 @@ def progress_frame(step: int, attempt: int, data: Any) -> bytes:
             f"event data must be encodable by msgspec: {type(exc).__name__}: {safe_text(exc)}"
         ) from None
 
+
+# The other way, on a lane's control pipe: the (step, attempt) whose soft
+# time limit ran out, followed by SOFT_STOP_SIGNAL to the worker. A real-time
+# signal, so that a step's own SIGUSR1 handler does not take it.
+SOFT_STOP = struct.Struct("<II")
+SOFT_STOP_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR1
 
 # On the pipe, each frame is its length (4 bytes, little-endian) then its bytes.
 _LENGTH = struct.Struct("<I")

@@ -21,6 +21,7 @@ import asyncio
 import faulthandler
 import inspect
 import os
+import signal
 import sys
 import threading
 import time
@@ -37,10 +38,20 @@ from . import _messages
 from ._capture import read_tail
 from ._containment import StepContainment
 from ._context import PACKAGE_DIR, prepare_worker
+from ._errors import StepTimeout
 from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
-from ._protocol import Done, Retire, Started, encode, progress_frame, write_frame
+from ._protocol import (
+    SOFT_STOP,
+    SOFT_STOP_SIGNAL,
+    Done,
+    Retire,
+    Started,
+    encode,
+    progress_frame,
+    write_frame,
+)
 from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
 
@@ -53,6 +64,9 @@ _executor_token: str | None = None
 _executor: Any = None
 _executor_error: BaseException | None = None
 _containment: StepContainment | None = None  # set by _init
+_control: Connection | None = None  # the parent's soft time limits arrive here
+_current: tuple[int, int] | None = None  # (step, attempt) while the executor runs it
+_running: tuple[int, int] | None = None  # (step, attempt) of the step run_steps is on
 _raised: BaseException | None = None  # what the current step raised, if anything
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
@@ -66,8 +80,9 @@ def _init(
     capture_path: str,
     package_dir: str,
     cgroup_path: str | None,
+    control: Connection,
 ) -> None:
-    global _channel, _crash_channel, _capture_path, _containment
+    global _channel, _crash_channel, _capture_path, _containment, _control
     if os.path.realpath(package_dir) != os.path.realpath(PACKAGE_DIR):
         # Another procorch than the caller's would speak another protocol.
         os.write(
@@ -86,6 +101,9 @@ def _init(
     _capture_path = capture_path
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
     _containment = StepContainment(cgroup_path)
+    _control = control
+    os.set_blocking(control.fileno(), False)
+    signal.signal(SOFT_STOP_SIGNAL, _on_soft_stop)
 
 
 def _flush_std_streams() -> None:
@@ -220,11 +238,15 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
             _messages.executor_not_rebuilt(spec, _executor_error),
             _executor_error,
         )
+    global _current
     try:
+        _current = _running
         result = executor.execute_step(spec, sink)
         if inspect.iscoroutine(result):
             result = _event_loop().run_until_complete(result)
+        _current = None
     except BaseException as exc:
+        _current = None
         global _raised
         _raised = exc
         try:
@@ -320,7 +342,7 @@ def run_steps(
     when the channel itself is broken (a step closed it, say): then nothing
     more can be reported and the parent stops the lane.
     """
-    global _retired, _raised
+    global _retired, _raised, _running
     assert _channel is not None, "worker used before _init"
     if not capture:
         _capture(False)
@@ -336,6 +358,7 @@ def run_steps(
         _send(encode(Started(step, attempt, os.getpid(), time.monotonic())))
         spec = _decode_spec(spec_bytes)
         sink = _ChannelSink(step, attempt)
+        _running = (step, attempt)
         _raised = None
         if sandbox is None:
             outcome, duration = run_step(spec, token, blob, sink)
@@ -348,6 +371,19 @@ def run_steps(
         if capture and outcome.error is not None:
             outcome = _with_printed(outcome)
         sink.close_with(encode(Done(step, attempt, outcome, duration)))
+
+
+def _on_soft_stop(signum: int, frame: Any) -> None:
+    """The parent says a step's time limit ran out: raise StepTimeout in it, if it still runs."""
+    assert _control is not None
+    try:
+        data = os.read(_control.fileno(), 4096)
+    except (BlockingIOError, OSError):
+        return
+    whole = len(data) - len(data) % SOFT_STOP.size
+    targets = {SOFT_STOP.unpack_from(data, offset) for offset in range(0, whole, SOFT_STOP.size)}
+    if _current is not None and _current in targets:
+        raise StepTimeout("the step's time limit ran out")
 
 
 def _run_jailed(

@@ -619,3 +619,39 @@ class SandboxExecutor(AgentExecutor):
                 spec, structured={"secret": os.environ.get("PROCORCH_SECRET", "<unset>")}
             )
         return ok_outcome(spec, structured={"cwd": os.getcwd()})
+
+
+class SoftTimeoutExecutor(AgentExecutor):
+    """Steps that meet their time limit in different ways, with a marker file in ``state_dir``.
+
+    Agents: cleanup (sleeps; its finally block writes <task_id>.cleaned),
+    stubborn (catches StepTimeout and sleeps on), swallow (catches StepTimeout
+    and returns success), quick (returns at once).
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+
+    def concurrency_hint(self) -> int:
+        return 2
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        from procorch import StepTimeout
+
+        marker = Path(self.state_dir, f"{spec.task_id}.cleaned")
+        if spec.agent == "cleanup":
+            try:
+                time.sleep(60)
+            finally:
+                marker.write_text("cleaned up")
+        elif spec.agent == "stubborn":
+            try:
+                time.sleep(60)
+            except StepTimeout:
+                time.sleep(60)
+        elif spec.agent == "swallow":
+            try:
+                time.sleep(60)
+            except StepTimeout:
+                return ok_outcome(spec)
+        return ok_outcome(spec)
