@@ -89,11 +89,21 @@ _LENGTH = struct.Struct("<I")
 _READ_SIZE = 1 << 16
 
 
-def write_frame(fd: int, payload: bytes) -> None:
-    """Write one frame to ``fd`` (blocking until all of it is in the pipe)."""
-    view = memoryview(_LENGTH.pack(len(payload)) + payload)
+def framed(payload: bytes) -> bytes:
+    """The frame as it travels: its length, then its bytes."""
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` (whole frames) to ``fd``, blocking until all of it is in the pipe."""
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    """Write one frame to ``fd`` (blocking until all of it is in the pipe)."""
+    write_all(fd, framed(payload))
 
 
 # A step that floods its sink outruns the parent; whatever the pipe buffers
