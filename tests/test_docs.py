@@ -60,18 +60,45 @@ def _promised_output(block: str) -> list[str]:
     return promised
 
 
+def _section_block(heading: str) -> str:
+    """The first Python block of the README section whose heading starts with ``heading``."""
+    text = README.read_text()
+    start = text.index(f"## {heading}")
+    return re.findall(r"```python\n(.*?)```", text[start:], flags=re.S)[0]
+
+
+def _run_block(code: str, tmp_path: Path) -> list[str]:
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
 def test_readme_orchestration_example_runs(tmp_path: Path) -> None:
     """The orchestration example prints what its comments promise, line for line."""
-    lines = _run_readme_block(2, tmp_path)
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[2]
-    assert lines == _promised_output(block)
+    block = _section_block("Orchestration")
+    assert _run_block(block, tmp_path) == _promised_output(block)
 
 
 def test_readme_interfaces_example_runs(tmp_path: Path) -> None:
     """The asyncio, streaming and ProcessPool example prints what its comments promise."""
-    lines = _run_readme_block(3, tmp_path)
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[3]
-    assert lines == _promised_output(block)
+    block = _section_block("The doors Python users already use")
+    assert _run_block(block, tmp_path) == _promised_output(block)
+
+
+def test_readme_containment_example_runs(tmp_path: Path) -> None:
+    """The sandbox example prints, for each step, what its comment lines promise."""
+    block = _section_block("What procorch contains")
+    lines = _run_block(block, tmp_path)
+    promised = [line.strip()[2:] for line in block.splitlines() if line.strip().startswith("# ")]
+    promised = [line for line in promised if line.split()[0] in {"fine", "leaky", "slow", "nosy"}]
+    printed = [line for line in lines if line.split()[0] in {"fine", "leaky", "slow", "nosy"}]
+    assert len(promised) == len(printed) == 4, lines
+    for shown, promise in zip(printed, promised, strict=True):
+        assert shown.startswith(promise), (shown, promise)
 
 
 def test_readme_command_line_example_runs(tmp_path: Path) -> None:
