@@ -327,7 +327,8 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
 
 
 def _scratch_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("procorch-*"))
+    """This process's capture directories (other procorch runs on the machine make their own)."""
+    return set(Path(tempfile.gettempdir()).glob(f"procorch-{os.getpid()}-*"))
 
 
 def _our_semaphores() -> set[str]:
