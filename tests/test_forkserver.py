@@ -276,3 +276,40 @@ def test_server_that_cannot_be_reached_is_replaced() -> None:
     assert second.exitcode == 0
     assert _context._server.pid not in (None, server)
     assert gone([server])
+
+
+_LIFELINE_WATCHER_PROGRAM = """
+import os
+import sys
+import time
+
+from procorch import _context
+
+lifeline, caller_end = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(caller_end)
+    _context._watch_lifeline(lifeline, os.getpid())  # the way outside Linux
+    print("armed", flush=True)
+    time.sleep(3600)
+    os._exit(0)
+os.close(lifeline)
+sys.stdin.readline()  # the test says when the caller dies
+os.close(caller_end)
+_, status = os.waitpid(child, 0)
+print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_lifeline_watcher_thread_kills_its_worker_when_the_caller_goes() -> None:
+    """The thread used where the kernel cannot send the signal itself does the same job."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LIFELINE_WATCHER_PROGRAM],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stdin is not None
+    assert process.stdout.readline() == "armed\n"
+    stdout, _ = process.communicate("go\n", timeout=BOUND)
+    assert stdout.strip() == str(-signal.SIGKILL)
