@@ -133,7 +133,8 @@ def could_not_start(
     """Every worker the step was sent to died (or froze) before it began."""
     message = (
         f"{_describe(spec)} could not start: {deaths} worker processes in a row died or stopped "
-        f"responding before it began (the last, pid {pid}, with exit code {code})."
+        f"responding before it began (the last, pid {pid}, with "
+        f"{'an unknown exit code' if code is None else f'exit code {code}'})."
     )
     if said:
         message += f" It said: {said.strip()}"

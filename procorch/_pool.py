@@ -116,16 +116,20 @@ class _Lane:
             pass
 
     def exit_code(self) -> int | None:
-        """The dead worker's exit code (negative: the signal that killed it)."""
+        """The dead worker's exit code (negative: the signal that killed it); None if unknown.
+
+        Unknown when the fork server died before the worker: only the server
+        could read the worker's exit status, and it took it along.
+        """
         if self._process is None:
             return None
-        # A fork-server child's exit status can be read once only: a second
-        # reader gets end-of-file and records 255. loky's manager thread reads
-        # it while cleaning up the broken executor, so wait for that thread to
-        # finish (shutdown joins it) and take the status it read.
+        # Let loky's manager thread finish with the broken executor (shutdown
+        # joins it): it reads the worker's exit status first.
         self._pool.shutdown(wait=True, kill_workers=True)
         code = self._process.exitcode
-        return None if code is None else int(code)
+        if code is None or not getattr(self._process, "exit_status_known", True):
+            return None
+        return int(code)
 
     def crash_dump(self) -> str:
         """What faulthandler wrote before the worker died ('' if nothing)."""

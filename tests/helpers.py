@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -655,3 +656,76 @@ class SoftTimeoutExecutor(AgentExecutor):
             except StepTimeout:
                 return ok_outcome(spec)
         return ok_outcome(spec)
+
+
+def _is_fork_server(pid: int) -> bool:
+    """Whether process ``pid`` is a procorch fork server."""
+    try:
+        return b"procorch._forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class ServerKillerExecutor(AgentExecutor):
+    """Steps of agent 'kill' send ``signum`` to their worker's parent, procorch's fork server.
+
+    Every step first checks that its worker's parent is a fork server (so
+    nothing else is ever signalled) and waits at a barrier until ``parties``
+    steps are running. Then 'kill' and 'witness' steps wait until their
+    worker has lost that parent; a 'kill_then_exit' step kills the server and
+    exits with code 3 at once; any other agent just goes on. Steps that
+    return succeed, with the server's pid as ``structured["server"]``.
+    """
+
+    def __init__(self, barrier_dir: str, parties: int, signum: int) -> None:
+        self.barrier_dir = barrier_dir
+        self.parties = parties
+        self.signum = signum
+
+    def concurrency_hint(self) -> int:
+        return self.parties
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        server = os.getppid()
+        if not _is_fork_server(server):
+            raise RuntimeError(f"this worker's parent (pid {server}) is not a fork server")
+        _wait_for_peers(self.barrier_dir, self.parties)
+        if spec.agent in ("kill", "kill_then_exit"):
+            os.kill(server, self.signum)
+        if spec.agent == "kill_then_exit":
+            os._exit(3)
+        deadline = time.monotonic() + 30
+        while spec.agent in ("kill", "witness") and os.getppid() == server:
+            # A worker is adopted once its parent is gone.
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the fork server (pid {server}) is still this worker's parent")
+            time.sleep(0.01)
+        return ok_outcome(spec, structured={"server": server})
+
+
+class WorkerFactsExecutor(AgentExecutor):
+    """Reports how its worker was started: its parent, and which marker modules it holds.
+
+    ``jsonschema`` is in procorch's preload list and nothing else imports it
+    in a worker; ``colorsys`` is what the tests' programs preload in their own
+    fork server. With ``barrier_dir``, steps wait until ``hint`` of them run.
+    """
+
+    def __init__(self, hint: int = 2, barrier_dir: str | None = None) -> None:
+        self.hint = hint
+        self.barrier_dir = barrier_dir
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        parent = os.getppid()
+        if self.barrier_dir is not None:
+            _wait_for_peers(self.barrier_dir, self.hint)
+        facts = {
+            "pid": os.getpid(),
+            "parent": parent,
+            "parent_is_server": _is_fork_server(parent),
+            "modules": [name for name in ("jsonschema", "colorsys") if name in sys.modules],
+        }
+        return ok_outcome(spec, structured=facts)
