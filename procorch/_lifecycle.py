@@ -156,7 +156,7 @@ class StepLifecycle:
 
     def turn(self) -> None:
         """Start what can start, wait for news or a timer, read it all, judge, deliver."""
-        if not self.stopping:
+        if not self.stopping and not self._ending(time.monotonic()):
             self._release_delayed(time.monotonic())
             self.backend.start_ready()
         self._wait()
@@ -360,6 +360,13 @@ class StepLifecycle:
         self._queue.extendleft(reversed(back))
 
     # -- verdicts ----------------------------------------------------------------------
+
+    def _ending(self, now: float) -> bool:
+        """Cancelled or out of time: nothing more may be sent, whatever is judged next."""
+        cancel = self.options.cancel
+        if cancel is not None and cancel.cancelled:
+            return True
+        return self.deadline is not None and now >= self.deadline
 
     def _judge(self, now: float) -> None:
         cancel = self.options.cancel

@@ -256,6 +256,20 @@ def test_step_cancelled_in_its_backoff_finishes_once(
     assert [type(event).__name__ for event in seen] == ["StepStarted", "StepRerun", "StepFinished"]
 
 
+def test_token_cancelled_before_the_call_sends_nothing(
+    tmp_path: Path, either: DaskBackend | None
+) -> None:
+    """A token tripped beforehand: every step did not run, and none reached a worker."""
+    token = CancelToken()
+    token.cancel()
+    out = execute_steps_parallel(
+        GuardExecutor(str(tmp_path)), [spec("a"), spec("b")], cancel=token, backend=either
+    )
+    for outcome in out:
+        assert outcome.output.endswith("did not run: the call was cancelled before it started.")
+    assert not GuardExecutor(str(tmp_path)).pids("worker")
+
+
 def test_dask_cancel_says_did_not_run_for_steps_never_started(
     tmp_path: Path, backend: DaskBackend
 ) -> None:
