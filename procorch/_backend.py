@@ -17,10 +17,12 @@ turns::
     close()                     once, whatever happened
 
 and the backend reports facts to the lifecycle, each naming the step and
-the attempt it concerns: ``steps.started``, ``progress``, ``finished``,
-``crashed``, ``failed`` (a guard of the backend's own, such as the memory
-cap, or a protocol fault), and ``gave_back`` for steps it sent that never
-started (they are queued again at no cost). A fact that does not match the
+the attempt it concerns: ``steps.started`` (with the start instant on this
+process's clock), ``progress``, ``finished``, ``crashed``, ``failed`` (a
+guard of the backend's own, such as the memory cap, or a protocol fault),
+``interrupted`` for a running attempt cut short without a verdict (run
+again, uncharged), and ``gave_back`` for steps it sent that never started
+(they are queued again at no cost). A fact that does not match the
 step's state is refused (the method returns False): the backend treats it as
 a protocol fault of the worker that sent it.
 """

@@ -86,9 +86,6 @@ class _Call:
         keep_outcomes: bool = True,
     ) -> StepLifecycle:
         """A fresh step lifecycle for this call, on a fresh backend (a new random token)."""
-        legacy = getattr(self.backend, "_legacy_dispatch", None)
-        if legacy is not None:  # the Dask backend, until it is ported to the lifecycle
-            return legacy(self.blob, self.emit, self.options, on_outcome, keep_outcomes)  # type: ignore[no-any-return]
         backend = self.backend.step_backend(self.blob, uuid.uuid4().hex, self.options)
         return StepLifecycle(backend, self.emit, self.options, on_outcome, keep_outcomes)
 

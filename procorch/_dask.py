@@ -1,36 +1,70 @@
 """The Dask backend: the same steps on a ``distributed`` cluster.
 
 ``DaskBackend(client_or_address)`` passed as ``backend=`` to any entry point
-replaces the local lanes with a cluster, keeping the contract: one outcome
-per spec in input order, at most the concurrency hint in flight (cluster-wide),
-events to the caller, failures as labelled outcomes.
+replaces the local lanes with a cluster. It is a backend factory: each call
+gets a ``_DaskSteps``, a ``StepBackend`` that only moves steps to the cluster
+and reports what its workers did; the step lifecycle (``_lifecycle``) owns
+the rest as for local workers: retries with backoff, time limits, the call's
+deadline, cancellation, SIGTERM unwinding, the failure sentences
+(``_messages``) and the events.
 
-Data flow::
+Data flow for one call (``token`` is the call's random id; every name the
+call leaves on the cluster, keys, queue and topic, carries it)::
 
-    add(spec) -> client.submit(_run_on_worker, token, <executor: one task, fetched once>,
-                               spec bytes, index, topic)      at most `hint` in flight
-    worker:  log_event(topic, started / progress)  --> client.subscribe_topic --+
-             returns (done frame, its progress frames) --> future done ---------+
-                                                                                |
-    parent (the calling thread): wake pipe  <------------------------------------+
-        live events are delivered while the step runs; at its end, whatever of
-        its progress did not arrive live is delivered from the result, then
-        StepFinished; a late live event of a finished step is dropped.
+    open:         client.submit(_executor_bytes)    one task; each worker fetches it once
+    start_ready:  steps.take(n) -> client.submit(_run_on_worker, token, <executor task>,
+                  spec bytes, step, attempt, key)   a fresh key each; at most `slots` in flight
+    worker, one run of a task (Dask runs a task again when its worker dies):
+        start (key, step, run id, pid, address)   --Queue.put, synchronous-->  the call's
+        run_step(...)                                                           queue on the
+        end (the same, Done frame, every progress frame) --Queue.put-------->  scheduler
+        each emit: (key, run id, number, Progress frame) --log_event--> the call's topic
+    parent threads, each only putting news on one queue and waking the lifecycle:
+        listener        Queue.get            -> ("run", start or end, receive time), ("barrier", n)
+        topic handler   subscribe_topic      -> ("progress", event)
+        done callback   a task that failed   -> ("failed", task, exception)
+    poll() (the calling thread) reads the news in order, each matched by key and run id:
+        start                    --> steps.started
+        progress, in its order   --> steps.progress
+        end                      --> steps.progress (those not reported live), steps.finished
+        a second run of a task   --> steps.interrupted(resent), steps.started
+        KilledWorker             --> judged once a barrier is back (below)
+        any other failure        --> steps.failed, or gave_back if it never started
+
+- A run's start and end travel on one road, the call's queue on the
+  scheduler, in order, and each is safe there once its synchronous put
+  returns: an end is never read before its start, and a step that crashes at
+  once cannot take its unsent start marker down with it (``log_event`` is
+  batched). No result is fetched from a worker: a fetch from one that just
+  died can hang for Dask's connect timeout (30 s), and a lost result makes
+  Dask run a finished step again.
+- The start instant handed to the lifecycle is the parent's clock when the
+  start arrived (the workers' clocks are not ours): later than the true start
+  by the trip through the scheduler, so a time limit counts a little
+  generously, never early. (Should an end come without its start, the start
+  is placed at the end's arrival minus the duration the worker measured.)
+- Progress travels twice: live through ``log_event``, and in the end message.
+  Every event names its task's key, its run and its number in that run: a
+  live one is reported only for the run the lifecycle knows as started and
+  only in order; the end reports the rest; a late or stale one is dropped by
+  those names.
 
 Crash attribution: a worker that dies makes the scheduler suspect every task
 it held, running or merely queued there, and after
 ``distributed.scheduler.allowed-failures`` + 1 deaths such a task fails with
 ``KilledWorker``. That count alone blames innocents: a step queued twice on
-the worker a crashing step keeps killing is failed with it (seen in the
-tests). So procorch weighs the evidence itself: every step announces its
-start (with its worker's address) before running; a step that Dask gave up on
-and that was seen to start, and not finish, is submitted again under a new
-key and labelled crashed if Dask gives up on that submission too; one never
-seen to start (or seen to finish) is submitted again, up to three times. With one
-thread per worker (recommended) a started, unfinished step on a dead worker
-can only be the one that killed it. A step past its time limit, or a
-cancelled call, has its future cancelled and its worker restarted, since a
-running Python task cannot be interrupted.
+the worker a crashing step keeps killing is failed with it. So procorch
+weighs its own evidence, the start messages. A ``KilledWorker`` reaches the
+parent by another road than the queue and can overtake them, so the backend
+first puts a barrier in the queue and judges when it comes back: every start
+put before the death has been read by then. A step Dask gave up on that no
+run was seen to start is given back to the lifecycle (uncharged; it fails
+after too many deaths in a row). One seen running is submitted again under a
+new key, uncharged (``StepRerun``), and blamed (``StepCrashed``) when Dask
+gives up on that submission too. With one thread per worker, a started,
+unfinished step on a dead worker can only be the one that killed it. A
+running Python task cannot be interrupted: a step stopped for a guard has its
+future cancelled and its worker restarted.
 
 The cost of that caution: a step that kills its worker is failed only after
 Dask gave up on it twice, that is 2 x (allowed-failures + 1) worker deaths
@@ -40,35 +74,45 @@ steps to make it 2).
 
 from __future__ import annotations
 
-import collections
 import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._events import (
-    Event,
-    StepCrashed,
-    StepFinished,
-    StepProgress,
-    StepRerun,
-    StepStarted,
-)
-from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome, _describe
+from . import _messages
+from ._backend import StepBackend, StopFacts
+from ._model import StepError
+from ._options import CallOptions
 from ._protocol import Done, Progress, decode_frame, encode, progress_frame
-from ._wake import WakePipe
 
-__all__ = ["DaskBackend"]
+if TYPE_CHECKING:
+    from ._lifecycle import StepLifecycle
 
+__all__ = ["DASK_GUARDS", "DaskBackend"]
 
-# A step that Dask failed (KilledWorker) without it ever being seen to start
-# is run again, this many times at most, before it is failed itself.
-_MAX_REQUEUES = 3
+DASK_GUARDS = frozenset({"step_timeout", "step_timeouts", "call_timeout", "retry", "cancel"})
+
+# A step seen running when its worker died is blamed at this many such
+# deaths since its last verdict (each a KilledWorker: see the module notes).
+_DEATHS_TO_BLAME = 2
+
+# How long the listener's wait on the call's queue may last. The scheduler
+# logs every such wait that times out as an error, with a traceback, so it is
+# long; close() ends the wait at once with a stop message, and this bounds
+# only the case where that message cannot be sent.
+_LISTEN_SECONDS = 60.0
+_LISTEN_RETRY_SECONDS = 1.0  # after the queue failed (a connection lost), before trying again
+
+# When a call ends early (an exception, Ctrl-C, SIGTERM): how long to wait for
+# the start messages still on their way, to know which workers run its steps.
+_LAST_STARTS_SECONDS = 5.0
+
+_RESTART_SECONDS = 30.0  # how long restarting a worker may take
+_STOP_LISTENER_SECONDS = 5.0  # how long close() waits for the listener to hear its stop
 
 
 class DaskBackend:
@@ -78,6 +122,9 @@ class DaskBackend:
     then made and closed with each call). Workers with one thread each give
     the cleanest crash attribution (see the module notes).
     """
+
+    supported_guards = DASK_GUARDS
+    name = "the Dask backend"
 
     def __init__(self, client_or_address: Any) -> None:
         try:
@@ -98,26 +145,11 @@ class DaskBackend:
                 f"(got {type(client_or_address).__name__})"
             )
 
-    supported_guards = frozenset(
-        {"step_timeout", "step_timeouts", "call_timeout", "retry", "cancel"}
-    )
-    name = "the Dask backend"
-
     def __repr__(self) -> str:
         return f"DaskBackend({self.address or self.client!r})"
 
-    def step_backend(self, blob: bytes, token: str, options: Any) -> Any:
-        raise NotImplementedError("the Dask backend still runs its own dispatch")
-
-    def _legacy_dispatch(
-        self,
-        blob: bytes,
-        emit: Callable[[Event], Any] | None,
-        options: Any,
-        on_outcome: Callable[[int, StepOutcome], None] | None,
-        keep_outcomes: bool,
-    ) -> _DaskDispatch:
-        return _DaskDispatch(self, blob, emit, options, on_outcome, keep_outcomes)
+    def step_backend(self, blob: bytes, token: str, options: CallOptions) -> StepBackend:
+        return _DaskSteps(self, blob, token, options)
 
 
 # -- in the worker ---------------------------------------------------------------
@@ -128,27 +160,34 @@ def _executor_bytes(blob: bytes) -> bytes:
     return blob
 
 
+def _queue_name(topic: str) -> str:
+    return f"{topic}-runs"
+
+
 class _DaskSink:
-    """The event sink on a Dask worker: live through log_event, and kept for the result."""
+    """A Dask worker's event sink: each event goes live through log_event, and into the end."""
 
-    def __init__(self, topic: str, index: int) -> None:
-        from distributed import get_worker
-
-        self._worker = get_worker()
+    def __init__(
+        self, worker: Any, topic: str, key: str, run: str, step: int, attempt: int
+    ) -> None:
+        self._worker = worker
         self._topic = topic
-        self._index = index
+        self._key = key
+        self._run = run
+        self._step = step
+        self._attempt = attempt
         self._lock = threading.Lock()
         self.frames: list[bytes] = []
         self._open = True
 
     def emit(self, data: Any) -> None:
-        frame = progress_frame(self._index, 0, data)
+        frame = progress_frame(self._step, self._attempt, data)
         with self._lock:
             if not self._open:
                 return
             self.frames.append(frame)
-            seq = len(self.frames)
-        self._worker.log_event(self._topic, {"i": self._index, "s": seq, "f": frame})
+            message = {"k": self._key, "r": self._run, "n": len(self.frames), "f": frame}
+            self._worker.log_event(self._topic, message)
 
     def close(self) -> None:
         with self._lock:
@@ -156,423 +195,457 @@ class _DaskSink:
 
 
 def _run_on_worker(
-    token: str, blob: bytes, spec_bytes: bytes, index: int, topic: str
-) -> tuple[bytes, list[bytes]]:
-    """One step on a Dask worker: the done frame, and every progress frame it emitted."""
+    token: str, blob: bytes, spec_bytes: bytes, step: int, attempt: int, key: str, topic: str
+) -> None:
+    """One run of a step on a Dask worker; ``attempt`` is the one it was submitted as.
+
+    Its start and its end travel as messages of the call's queue on the
+    scheduler, put synchronously: one ordered road for both, which survives
+    this worker's death the moment each put returns.
+    """
     from distributed import Queue, get_worker
 
     from ._worker import _decode_spec, run_step
 
     worker = get_worker()
-    # The start is told synchronously (the scheduler holds it before the step
-    # runs): log_event is batched, and a step that crashes at once would take
-    # its own start marker down with it, unsent.
-    starts = Queue(f"{topic}-starts")  # type: ignore[no-untyped-call]
-    starts.put({"i": index, "start": os.getpid(), "w": worker.address})  # type: ignore[no-untyped-call]
-    spec = _decode_spec(spec_bytes)
-    sink = _DaskSink(topic, index)
-    outcome, duration = run_step(spec, token, blob, sink)
+    run = uuid.uuid4().hex  # Dask may run this task again elsewhere: each run has its own name
+    who = {"k": key, "i": step, "r": run, "pid": os.getpid(), "w": worker.address}
+    runs = Queue(_queue_name(topic))  # type: ignore[no-untyped-call]
+    runs.put(who)  # type: ignore[no-untyped-call]
+    sink = _DaskSink(worker, topic, key, run, step, attempt)
+    outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
     sink.close()
-    return encode(Done(index, 0, outcome, duration)), sink.frames
+    done = encode(Done(step, attempt, outcome, duration))
+    runs.put({**who, "d": done, "p": sink.frames})  # type: ignore[no-untyped-call]
 
 
 # -- in the caller ------------------------------------------------------------------
 
 
-class _DaskStep:
-    __slots__ = (
-        "address",
-        "attempts",
-        "blames",
-        "data",
-        "delivered",
-        "finished_once",
-        "future",
-        "limit",
-        "requeues",
-        "spec",
-        "started",
-        "submissions",
-    )
+class _Task:
+    """One submission of a step: a Dask task under a key of its own."""
 
-    def __init__(self, spec: AgentStepSpec, data: bytes, limit: float | None) -> None:
-        self.spec = spec
-        self.data = data
-        self.limit = limit
-        self.attempts = 0
-        self.future: Any = None
-        self.started: float | None = None  # when its worker said it began
-        self.address: str | None = None  # the worker running it
-        self.delivered = 0  # progress events handed to the caller so far
-        self.finished_once = False  # a task of it completed (its result may be lost since)
-        self.requeues = 0  # times Dask gave up on it without evidence against it
-        self.blames = 0  # times Dask gave up on it after it was seen running
-        self.submissions = 0  # tasks made for it (each needs a fresh key)
+    __slots__ = ("address", "attempt", "delivered", "future", "index", "key", "pid", "run")
+
+    def __init__(self, index: int, key: str, future: Any) -> None:
+        self.index = index
+        self.key = key
+        self.future = future
+        self.run: str | None = None  # the run the lifecycle knows as started, if any
+        self.attempt = 0  # the lifecycle's attempt number for that run
+        self.pid: int | None = None
+        self.address: str | None = None
+        self.delivered = 0  # that run's live progress events reported so far
 
 
-class _DaskDispatch:
-    """The dispatcher's interface (add, open/turn/close, run), on a Dask cluster."""
+class _Killed:
+    """A task Dask gave up on (KilledWorker), judged once barrier ``barrier`` is back."""
 
-    def __init__(
-        self,
-        backend: DaskBackend,
-        blob: bytes,
-        emit: Callable[[Event], Any] | None,
-        options: Any,
-        on_outcome: Callable[[int, StepOutcome], None] | None = None,
-        keep_outcomes: bool = True,
-    ) -> None:
-        self.backend = backend
+    __slots__ = ("barrier", "exc", "task")
+
+    def __init__(self, task: _Task, exc: BaseException) -> None:
+        self.task = task
+        self.exc = exc
+        self.barrier: int | None = None
+
+
+class _DaskSteps:
+    """One call's steps on a Dask cluster, behind the ``StepBackend`` seam."""
+
+    supported_guards = DASK_GUARDS
+
+    def __init__(self, factory: DaskBackend, blob: bytes, token: str, options: CallOptions) -> None:
+        self.factory = factory
         self.blob = blob
-        self.token = uuid.uuid4().hex
-        self.emit = emit
+        self.token = token
         self.options = options
-        self.on_outcome = on_outcome
-        self.steps: dict[int, _DaskStep] = {}
-        self.outcomes: dict[int, StepOutcome] | None = {} if keep_outcomes else None
-        self.todo: collections.deque[int] = collections.deque()
-        self.running: dict[int, _DaskStep] = {}
-        self.next_index = 0
-        self.remaining = 0
-        self.stopping = False
-        self.limit = 1
-        self.deadline: float | None = None
-        self.topic = f"procorch-{uuid.uuid4().hex}"
-        self._news: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = WakePipe()
+        self.topic = f"procorch-{token}"
+        self.slots = 1
+        self.steps: StepLifecycle | None = None
+        self.tasks: dict[int, _Task] = {}  # in flight, by step index
+        self.submitted = 0
+        self.suspected: dict[int, int] = {}  # step -> worker deaths while it ran, since a verdict
+        self.killed: list[_Killed] = []
+        self.barriers_sent = 0
+        self.barriers_back = 0
+        self._news: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._client: Any = None
         self._owns_client = False
-        self._closed = False  # tells the start listener to stop
-        self._executor_future: Any = None
+        self._executor: Any = None
+        self._runs: Any = None
+        self._listener: threading.Thread | None = None
+        self._closing = threading.Event()
 
-    # -- the interface the entry points use ---------------------------------------
+    # -- the seam ----------------------------------------------------------------------
 
-    def add(self, spec: AgentStepSpec, data: bytes) -> int:
-        index = self.next_index
-        self.next_index += 1
-        limit = self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
-        self.steps[index] = _DaskStep(spec, data, limit)
-        self.todo.append(index)
-        self.remaining += 1
-        return index
-
-    def run(self, lane_count: int) -> None:
-        try:
-            self.open(lane_count)
-            while self.remaining:
-                self.turn()
-        finally:
-            self.close()
-
-    def wake(self) -> None:
-        self._wake_up()
-
-    def open(self, lane_count: int) -> None:
+    def open(self, steps: StepLifecycle, slots: int) -> None:
         import distributed
 
-        self.limit = lane_count
-        if self.options.call_timeout is not None:
-            self.deadline = time.monotonic() + self.options.call_timeout
-        if self.backend.client is not None:
-            self._client = self.backend.client
+        self.steps = steps
+        self.slots = slots
+        if self.factory.client is not None:
+            self._client = self.factory.client
         else:
             try:
                 self._client = distributed.Client(  # type: ignore[no-untyped-call]
-                    self.backend.address, set_as_default=False, timeout="10s"
+                    self.factory.address, set_as_default=False, timeout="10s"
                 )
             except (OSError, TimeoutError) as exc:
                 raise ConnectionError(
-                    f"cannot reach the Dask scheduler at {self.backend.address}: {exc}"
+                    f"cannot reach the Dask scheduler at {self.factory.address}: {exc}"
                 ) from None
             self._owns_client = True
         # A task, not scattered data: a worker's death can lose scattered data
         # for good, while a task's result is computed again from the graph.
-        self._executor_future = self._client.submit(
-            _executor_bytes, self.blob, pure=False, key=f"procorch-executor-{self.topic}"
+        self._executor = self._client.submit(
+            _executor_bytes, self.blob, pure=False, key=f"procorch-executor-{self.token}"
         )
         self._client.subscribe_topic(self.topic, self._on_topic)
-        self._starts = distributed.Queue(  # type: ignore[no-untyped-call]
-            f"{self.topic}-starts", client=self._client
+        self._runs = distributed.Queue(  # type: ignore[no-untyped-call]
+            _queue_name(self.topic), client=self._client
         )
         self._listener = threading.Thread(
-            target=self._listen_for_starts, name="procorch-dask-starts", daemon=True
+            target=self._listen, name="procorch-dask-runs", daemon=True
         )
         self._listener.start()
-        if self.options.cancel is not None:
-            self.options.cancel._listen(self._wake_up)
 
-    def turn(self) -> None:
-        now = time.monotonic()
-        cancel = self.options.cancel
-        if cancel is not None and cancel.cancelled:
-            self._stop_everything("cancelled")
-            return
-        if self.deadline is not None and now >= self.deadline:
-            self._stop_everything("deadline")
-            return
-        self._submit()
-        self._wait(now)
-        self._drain_news()
-        self._check_time_limits()
+    def start_ready(self) -> None:
+        steps = self._steps()
+        free = self.slots - len(self.tasks)
+        if free > 0 and steps.queued:
+            for index in steps.take(free):
+                self._submit(index)
+
+    def wait_handles(self) -> list[Any]:
+        return []  # news wakes the lifecycle through steps.wake()
+
+    def next_wakeup(self) -> float | None:
+        return None
+
+    def poll(self) -> None:
+        while True:
+            try:
+                news = self._news.get_nowait()
+            except queue.Empty:
+                break
+            kind = news[0]
+            if kind == "run":
+                self._on_run_message(news[1], news[2])
+            elif kind == "progress":
+                self._on_progress(news[1])
+            elif kind == "failed":
+                self._on_failed(news[1], news[2])
+            else:
+                self.barriers_back = max(self.barriers_back, news[1])
+        if self.killed:
+            self._judge_killed()
+
+    def interrupt(self, index: int) -> bool:
+        """A running Python task on a Dask worker cannot be interrupted (no soft time limit)."""
+        return False
+
+    def stop(self, index: int) -> StopFacts:
+        task = self.tasks.pop(index, None)
+        self.suspected.pop(index, None)
+        if task is None:
+            return StopFacts()
+        self._cancel([task])
+        problems = self._restart([task.address] if task.address else [])
+        return StopFacts(
+            pid=task.pid,
+            stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
+        )
+
+    def stop_all(self) -> dict[int, StopFacts]:
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        self.killed.clear()
+        self._cancel(tasks)
+        running = [task for task in tasks if task.run is not None]
+        problems = self._restart(sorted({task.address for task in running if task.address}))
+        return {
+            task.index: StopFacts(
+                pid=task.pid,
+                stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
+            )
+            for task in running
+        }
 
     def close(self) -> None:
-        self._closed = True
-        if self.options.cancel is not None:
-            self.options.cancel._forget(self._wake_up)
+        """Stop whatever still runs (the call ended early), then leave the cluster."""
         client = self._client
-        listener = getattr(self, "_listener", None)
-        if listener is not None:
-            listener.join(timeout=5)
-        if client is not None:
-            for step in self.running.values():
-                client.cancel(step.future, force=True)
+        if client is None:
+            return  # the scheduler could not be reached
+        try:
+            if self.tasks:
+                self._read_last_runs()
+                self.stop_all()
+        finally:
+            self._closing.set()
+            self._stop_listener()
             try:
                 client.unsubscribe_topic(self.topic)
-            except Exception:
+                client.cancel([self._executor], force=True)
+            except Exception:  # the client or the scheduler is already gone
                 pass
             if self._owns_client:
                 client.close()
-        self._wake.close()
 
-    # -- submitting and hearing back ------------------------------------------------
+    # -- sending -------------------------------------------------------------------------
 
-    def _submit(self) -> None:
-        from ._dask import _run_on_worker
+    def _steps(self) -> StepLifecycle:
+        assert self.steps is not None, "backend used before open"
+        return self.steps
 
-        while self.todo and len(self.running) < self.limit:
-            index = self.todo.popleft()
-            step = self.steps[index]
-            step.future = self._client.submit(
-                _run_on_worker,
-                self.token,
-                self._executor_future,
-                step.data,
-                index,
-                self.topic,
-                pure=False,
-                key=f"procorch-step-{self.topic}-{index}-{step.submissions}",
-            )
-            step.submissions += 1
-            step.future.add_done_callback(
-                lambda future, index=index, step=step: self._on_task_done(future, index, step)
-            )
-            self.running[index] = step
-
-    def _on_task_done(self, future: Any, index: int, step: _DaskStep) -> None:
-        # The client's thread. A task that completed did not kill its worker,
-        # whatever happens to its result later (a worker's death can lose it).
-        if future.status == "finished":
-            step.finished_once = True
-        self._tell("done", index)
-
-    def _listen_for_starts(self) -> None:
-        """Relay start markers from the cluster's queue to the dispatcher, until closed."""
-        while not self._closed:
-            try:
-                message = self._starts.get(timeout=0.2)  # type: ignore[no-untyped-call]
-            except Exception:  # a timeout, or the queue closing under us
-                continue
-            self._tell("topic", message)
-
-    def _on_topic(self, event: Any) -> None:  # the client's thread
-        self._tell("topic", event[1] if isinstance(event, tuple) else event)
-
-    def _tell(self, kind: str, payload: Any) -> None:
-        self._news.put((kind, payload))
-        self._wake_up()
-
-    def _wake_up(self, *_: object) -> None:
-        self._wake.poke()
-
-    def _wait(self, now: float) -> None:
-        import select
-
-        wake_at = [self.deadline] if self.deadline is not None else []
-        for step in self.running.values():
-            if step.started is not None and step.limit is not None:
-                wake_at.append(step.started + step.limit)
-        timeout = max(0.0, min(wake_at) - now) if wake_at else None
-        ready, _, _ = select.select([self._wake], [], [], timeout)
-        if ready:
-            self._wake.drain()
-
-    def _drain_news(self) -> None:
-        while True:
-            try:
-                kind, payload = self._news.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "topic":
-                self._on_worker_event(payload)
-            else:
-                self._on_done(payload)
-
-    def _on_worker_event(self, message: dict[str, Any]) -> None:
-        step = self.running.get(message.get("i", -1))
-        if step is None:
-            return  # a finished step's late event: its result already carried it
-        index = message["i"]
-        if "start" in message:
-            step.attempts += 1
-            step.started = time.monotonic()
-            step.address = message["w"]
-            if self.emit is not None:
-                self.emit(
-                    StepStarted(index, step.spec.task_id, step.attempts, step.spec.agent,
-                                message["start"])
-                )  # fmt: skip
-        elif step.started is not None and message["s"] == step.delivered + 1:
-            # Progress may overtake its step's start marker (they travel apart);
-            # what is not delivered live comes from the result, in order.
-            step.delivered += 1
-            self._emit_progress(index, step, message["f"])
-
-    def _emit_progress(self, index: int, step: _DaskStep, frame: bytes) -> None:
-        if self.emit is not None:
-            progress = decode_frame(frame)
-            assert isinstance(progress, Progress)
-            self.emit(StepProgress(index, step.spec.task_id, step.attempts, progress.data))
-
-    def _on_done(self, index: int) -> None:
-        step = self.running.pop(index, None)
-        if step is None:
-            return
-        future = step.future
-        if future.cancelled():
-            return
-        try:
-            frame, progress = future.result()
-        except Exception as exc:
-            self._on_failed_task(index, step, exc)
-            return
-        if step.started is None:  # its started event is still on the way
-            step.attempts += 1
-            if self.emit is not None:
-                self.emit(StepStarted(index, step.spec.task_id, step.attempts, step.spec.agent, 0))
-        for frame_bytes in progress[step.delivered :]:
-            self._emit_progress(index, step, frame_bytes)
-        done = decode_frame(frame)
-        assert isinstance(done, Done)
-        self._settle(index, step, done.outcome, done.duration)
-
-    def _on_failed_task(self, index: int, step: _DaskStep, exc: BaseException) -> None:
-        from distributed.scheduler import KilledWorker
-
-        spec = step.spec
-        if not isinstance(exc, KilledWorker):
-            message = f"{_describe(spec)} failed on the cluster: {type(exc).__name__}: {exc}"
-            self._fail(index, step, "internal", message)
-            return
-        innocent = step.started is None or step.finished_once
-        if not innocent:
-            step.blames += 1
-        if (innocent and step.requeues < _MAX_REQUEUES) or (not innocent and step.blames < 2):
-            # Dask blames every task that was waiting on a dying worker, and one
-            # whose result died with a worker; neither killed anything. A step
-            # seen running may still be innocent: the news of its end can die
-            # with the worker, unsent. So a step is blamed only when its own
-            # fresh submission fails the same way again.
-            step.requeues += innocent
-            step.delivered = 0
-            step.started = None
-            step.finished_once = False
-            self.todo.appendleft(index)
-            return
-        if innocent:
-            message = (
-                f"{_describe(spec)} could not run: Dask workers "
-                f"kept dying while it waited for one ({step.requeues + 1} times): {exc}"
-            )
-        else:
-            message = (
-                f"{_describe(spec)} crashed: the Dask worker "
-                f"running it ({step.address}) died (a fatal signal, os._exit, or more "
-                f"memory than the worker's limit), and the scheduler gave up on it: {exc}"
-            )
-        step.attempts = max(step.attempts, 1)
-        if self.emit is not None:
-            self.emit(StepCrashed(index, spec.task_id, step.attempts, None, None, None))
-        self._fail(index, step, "crash", message)
-
-    def _settle(self, index: int, step: _DaskStep, outcome: StepOutcome, duration: float) -> None:
-        error = outcome.error
-        policy = self.options.retry
-        if (
-            error is not None
-            and policy is not None
-            and error.kind in policy.on
-            and step.attempts < policy.attempts
-            and not self.stopping
-        ):
-            if self.emit is not None:
-                self.emit(StepRerun(index, step.spec.task_id, step.attempts + 1, error.message))
-            step.started = None
-            step.delivered = 0
-            self.todo.append(index)
-            return
-        if error is not None and error.attempts != step.attempts:
-            outcome = msgspec.structs.replace(
-                outcome, error=msgspec.structs.replace(error, attempts=step.attempts)
-            )
-        del self.steps[index]
-        if self.outcomes is not None:
-            self.outcomes[index] = outcome
-        self.remaining -= 1
-        if self.emit is not None and step.attempts:
-            self.emit(
-                StepFinished(index, step.spec.task_id, step.attempts, outcome.success, duration)
-            )
-        if self.on_outcome is not None:
-            self.on_outcome(index, outcome)
-
-    def _fail(
-        self, index: int, step: _DaskStep, kind: ErrorKind, message: str, **facts: Any
-    ) -> None:
-        spec = step.spec
-        error = StepError(kind=kind, message=message, **facts)
-        duration = 0.0 if step.started is None else time.monotonic() - step.started
-        self._settle(
-            index, step, StepOutcome.failed(spec.task_id, spec.agent, message, error), duration
+    def _submit(self, index: int) -> None:
+        steps = self._steps()
+        attempt = steps.attempt(index)
+        self.submitted += 1
+        # Dask learns task durations by key prefix (the words before the
+        # token): steps must not share theirs with the executor task, or the
+        # scheduler, taking steps for instant, queues them where that task ran.
+        key = f"procorch-step-{self.token}-{index}-{self.submitted}"
+        future = self._client.submit(
+            _run_on_worker,
+            self.token,
+            self._executor,
+            steps.data(index),
+            index,
+            attempt,
+            key,
+            self.topic,
+            pure=False,
+            key=key,
         )
+        task = _Task(index, key, future)
+        self.tasks[index] = task
+        future.add_done_callback(lambda done, task=task: self._task_done(task, done))
 
-    # -- guards -----------------------------------------------------------------------
-
-    def _stop_step(self, index: int) -> None:
-        """Cancel a running step's task and restart its worker (a task cannot be interrupted)."""
-        step = self.running.pop(index)
-        self._client.cancel(step.future, force=True)
-        if step.address is not None:
+    def _cancel(self, tasks: list[_Task]) -> None:
+        if tasks:
             try:
-                self._client.restart_workers([step.address], timeout=30)
-            except Exception:
+                self._client.cancel([task.future for task in tasks], force=True)
+            except Exception:  # the client is closing: its futures go with it
                 pass
 
-    def _check_time_limits(self) -> None:
-        now = time.monotonic()
-        for index, step in list(self.running.items()):
-            if step.started is not None and step.limit is not None:
-                if now - step.started > step.limit:
-                    self._stop_step(index)
-                    spec = step.spec
-                    message = (
-                        f"{_describe(spec)} timed out: it ran for "
-                        f"more than its {step.limit:g} s limit, so its Dask worker "
-                        f"({step.address}) was restarted."
-                    )
-                    self._fail(index, step, "timeout", message, limit=step.limit)
+    def _restart(self, addresses: list[str]) -> dict[str, str]:
+        """Restart the workers at ``addresses``; what went wrong, by address."""
+        if not addresses:
+            return {}
+        try:
+            status = self._client.restart_workers(
+                addresses, timeout=_RESTART_SECONDS, raise_for_error=False
+            )
+        except Exception as exc:  # no nanny, a worker already gone...
+            problem = f"{type(exc).__name__}: {_messages.safe_text(exc)}"
+            return dict.fromkeys(addresses, problem)
+        return {address: str(said) for address, said in status.items() if said != "OK"}
 
-    def _stop_everything(self, why: str) -> None:
-        self.stopping = True
-        for index in list(self.running):
-            step = self.running[index]
-            self._stop_step(index)
-            kind: ErrorKind = "timeout" if why == "deadline" else "cancelled"
-            what = "the call's time limit ran out" if why == "deadline" else "it was cancelled"
-            message = f"{_describe(step.spec)} was stopped while running: {what}."
-            self._fail(index, step, kind, message)
-        before = "the call's time limit ran out" if why == "deadline" else "the call was cancelled"
-        for index in sorted(self.steps):
-            step = self.steps[index]
-            message = f"{_describe(step.spec)} did not run: {before} before it started."
-            self._fail(index, step, "cancelled", message)
-        self.todo.clear()
+    # -- news from other threads -----------------------------------------------------------
+
+    def _tell(self, news: tuple[Any, ...]) -> None:
+        self._news.put(news)
+        self._steps().wake()
+
+    def _listen(self) -> None:
+        """Relay the messages of the call's queue (starts, ends, barriers), until closed."""
+        runs = self._runs
+        while not self._closing.is_set():
+            try:
+                messages = [runs.get(timeout=_LISTEN_SECONDS)]
+                messages += runs.get(batch=True)  # a burst in one round trip
+            except TimeoutError:
+                continue
+            except Exception:  # the client closing under us, the scheduler gone...
+                if self._closing.wait(_LISTEN_RETRY_SECONDS):
+                    return
+                continue
+            at = time.monotonic()
+            for message in messages:
+                if "stop" in message:
+                    return
+                if "b" in message:
+                    self._tell(("barrier", message["b"]))
+                else:
+                    self._tell(("run", message, at))
+
+    def _stop_listener(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            self._runs.put({"stop": True})
+        except Exception:  # the scheduler is gone: so is the listener's wait, soon
+            pass
+        listener.join(timeout=_STOP_LISTENER_SECONDS)
+
+    def _on_topic(self, event: Any) -> None:  # the client's thread
+        self._tell(("progress", event[1] if isinstance(event, tuple) else event))
+
+    def _task_done(self, task: _Task, future: Any) -> None:  # Dask's callback thread
+        # A finished task's news came through the queue; only a failure is news here.
+        # (Its result is None and never fetched: a fetch from a worker that
+        # just died can block for the connect timeout, 30 s.)
+        if self._closing.is_set() or future.status != "error":
+            return
+        try:
+            exc = future.exception()
+        except Exception as lost:  # the client is closing under us
+            exc = lost
+        self._tell(("failed", task, exc))
+
+    # -- facts for the lifecycle -------------------------------------------------------------
+
+    def _current(self, index: int, key: str) -> _Task | None:
+        task = self.tasks.get(index)
+        return task if task is not None and task.key == key else None
+
+    def _on_run_message(self, message: dict[str, Any], at: float) -> None:
+        """A run of a task began, or (with its Done frame) ended."""
+        task = self._current(message["i"], message["k"])
+        if task is None:
+            return  # stale: a task since finished, stopped or replaced
+        if "d" not in message:
+            self._run_began(task, message["r"], message["pid"], message["w"], at)
+        else:
+            self._on_done(task, message, at)
+
+    def _run_began(self, task: _Task, run: str, pid: int, address: str, at: float) -> bool:
+        """Tell the lifecycle that ``run`` of the task began, once; False if it refused."""
+        if task.run == run:
+            return True
+        steps = self._steps()
+        if task.run is not None:
+            # Dask runs the task again: the worker of the run we knew died running it.
+            reason = _messages.dask_rerun(task.address, by_dask=True)
+            steps.interrupted(task.index, task.attempt, reason, resent=True)
+        attempt = steps.attempt(task.index)
+        if not steps.started(task.index, attempt, pid, at):
+            return False
+        task.run, task.attempt, task.pid, task.address = run, attempt, pid, address
+        task.delivered = 0
+        return True
+
+    def _on_progress(self, message: dict[str, Any]) -> None:
+        try:
+            frame = decode_frame(message["f"])
+        except (KeyError, TypeError, msgspec.DecodeError, msgspec.ValidationError):
+            return  # not a frame of ours: the end message carries every real one
+        if not isinstance(frame, Progress):
+            return
+        task = self._current(frame.step, message.get("k", ""))
+        if task is None or task.run != message.get("r") or message.get("n") != task.delivered + 1:
+            return  # stale, ahead of its run's start, or out of order: the end reports it
+        task.delivered += 1
+        self._steps().progress(task.index, task.attempt, frame.data)
+
+    def _on_done(self, task: _Task, message: dict[str, Any], at: float) -> None:
+        del self.tasks[task.index]
+        try:  # its key is released: Dask must not run it again if a worker dies now
+            task.future.release()
+        except Exception:  # the client is closing
+            pass
+        self.suspected.pop(task.index, None)
+        steps = self._steps()
+        run, pid, address = message["r"], message["pid"], message["w"]
+        try:
+            done = decode_frame(message["d"])
+            progress = [decode_frame(frame) for frame in message["p"]]
+            assert isinstance(done, Done) and all(isinstance(f, Progress) for f in progress)
+        except (AssertionError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if self._run_began(task, run, pid, address, at):
+                detail = f"its Dask task's report could not be read ({exc!r})"
+                said = _messages.lost(steps.spec(task.index), detail)
+                error = StepError(kind="internal", message=said, pid=pid)
+                steps.failed(task.index, task.attempt, error)
+            return
+        # Its start came first on the same road, so the run is known;
+        # were it not, the start is placed by the duration the worker measured.
+        if not self._run_began(task, run, pid, address, at - done.duration):
+            return
+        for frame in progress[task.delivered :]:
+            assert isinstance(frame, Progress)
+            steps.progress(task.index, task.attempt, frame.data)
+        steps.finished(task.index, task.attempt, done.outcome, done.duration)
+
+    def _on_failed(self, task: _Task, exc: BaseException) -> None:
+        from distributed.scheduler import KilledWorker
+
+        if self.tasks.get(task.index) is not task:
+            return  # its end was read first, or it was stopped
+        if isinstance(exc, KilledWorker):
+            self.killed.append(_Killed(task, exc))  # judged on the evidence: see the module notes
+            return
+        del self.tasks[task.index]
+        steps = self._steps()
+        if task.run is None:
+            steps.gave_back([task.index], death=(None, None, _messages.dask_task_ended(exc)))
+        else:
+            message = _messages.dask_task_failed(steps.spec(task.index), exc)
+            error = StepError(kind="internal", message=message, pid=task.pid)
+            steps.failed(task.index, task.attempt, error)
+
+    def _judge_killed(self) -> None:
+        """Judge the tasks Dask gave up on, once every start put before them was read."""
+        unmarked = [killed for killed in self.killed if killed.barrier is None]
+        if unmarked:
+            self.barriers_sent += 1
+            barrier = self.barriers_sent
+            try:
+                self._runs.put({"b": barrier})
+            except Exception:  # no barrier can come back: judge on what arrived
+                barrier = self.barriers_back
+            for killed in unmarked:
+                killed.barrier = barrier
+        ready = [
+            killed
+            for killed in self.killed
+            if killed.barrier is not None and killed.barrier <= self.barriers_back
+        ]
+        self.killed = [killed for killed in self.killed if killed not in ready]
+        steps = self._steps()
+        for killed in ready:
+            task = killed.task
+            index = task.index
+            if self.tasks.get(index) is not task:
+                continue
+            del self.tasks[index]
+            if task.run is None:  # never seen to start: an innocent bystander
+                steps.gave_back([index], death=(None, None, _messages.dask_gave_up(killed.exc)))
+                continue
+            deaths = self.suspected.get(index, 0) + 1
+            if deaths < _DEATHS_TO_BLAME:
+                # Seen running and not ended, but maybe innocent all the same:
+                # another step of a worker with several threads, or something
+                # outside, may have killed the worker. Its next run decides.
+                self.suspected[index] = deaths
+                reason = _messages.dask_rerun(task.address, by_dask=False)
+                steps.interrupted(index, task.attempt, reason)
+            else:
+                self.suspected.pop(index, None)
+                message = _messages.dask_crash(steps.spec(index), task.address, killed.exc)
+                steps.crashed(index, task.attempt, pid=task.pid, exit_code=None, message=message)
+
+    def _read_last_runs(self) -> None:
+        """At an early end: learn which of the tasks in flight began, and where."""
+        self.barriers_sent += 1
+        barrier = self.barriers_sent
+        try:
+            self._runs.put({"b": barrier})
+        except Exception:
+            return
+        deadline = time.monotonic() + _LAST_STARTS_SECONDS
+        while True:
+            try:
+                news = self._news.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return
+            if news[0] == "barrier" and news[1] >= barrier:
+                return
+            if news[0] == "run":  # for stop_all only: the lifecycle hears no more
+                message = news[1]
+                task = self._current(message["i"], message["k"])
+                if task is not None and "d" in message:
+                    del self.tasks[task.index]  # over: nothing to stop
+                elif task is not None:
+                    task.run, task.pid, task.address = message["r"], message["pid"], message["w"]

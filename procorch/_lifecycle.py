@@ -12,7 +12,7 @@ A step moves through these states, and only the lifecycle moves it::
 The backend (``_backend``) moves work and reports facts, each naming the step
 and attempt it concerns; the lifecycle decides what they mean: retries with
 backoff, time limits (counted from the instant the worker started the step,
-by the worker's clock, and judged only after every report that had arrived
+on this process's clock, and judged only after every report that had arrived
 was read), the call's deadline, cancellation, SIGTERM unwinding, the failure
 sentences (``_messages``), and the events. For every step that started, the
 events are::
@@ -81,7 +81,7 @@ class StepRecord:
         self.state = QUEUED
         self.attempts = 0  # times it was started (the events' attempt numbers)
         self.uncharged = 0  # of those, attempts a backend cut short without a verdict
-        self.started_at: float | None = None  # the worker's clock at the running attempt's start
+        self.started_at: float | None = None  # when the running attempt started (our clock)
         self.pid: int | None = None
         self.soft_stopped = False  # StepTimeout was raised in the running attempt
         self.unstarted_deaths = 0  # workers that died or froze before it could start
@@ -151,7 +151,11 @@ class StepLifecycle:
         if self.options.cancel is not None:
             self.options.cancel._listen(self.wake)
         self._previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
-        self.backend.open(self, slots)
+        try:
+            self.backend.open(self, slots)
+        except BaseException:  # e.g. an unreachable cluster: disarm, then say so
+            self.close()
+            raise
 
     def turn(self) -> None:
         """Start what can start, wait for news or a timer, read it all, judge, deliver."""
@@ -231,7 +235,12 @@ class StepLifecycle:
         return record if attempt == expected else None
 
     def started(self, index: int, attempt: int, pid: int, at: float) -> bool:
-        """A worker began the step at ``at`` (its own monotonic clock)."""
+        """A worker began the step at ``at``, on this process's ``time.monotonic()`` clock.
+
+        Local workers share that clock; a backend whose workers' clocks differ
+        (Dask) converts its evidence to it, erring late: a time limit then
+        counts a little generously, never early.
+        """
         record = self.steps.get(index)  # _current, inlined: this is the hot path
         if record is None or record.state is not SENT or attempt != record.attempts + 1:
             return False
@@ -311,13 +320,16 @@ class StepLifecycle:
         self._fail(index, error, self._ran_for(record))
         return True
 
-    def interrupted(self, index: int, attempt: int, reason: str) -> bool:
-        """The running attempt ended without a verdict; the backend will run the step again.
+    def interrupted(self, index: int, attempt: int, reason: str, *, resent: bool = False) -> bool:
+        """The running attempt ended without a verdict; the step will run again.
 
         For a backend whose evidence about a lost attempt is not conclusive
         (Dask blames every task a dying worker held): the events say
         ``StepRerun`` as for any re-run, but the attempt is not charged to the
-        retry policy nor counted in ``error.attempts``.
+        retry policy nor counted in ``error.attempts``. The step goes back to
+        the front of the queue; with ``resent``, the backend already runs it
+        again by itself (Dask's scheduler re-runs a task whose worker died),
+        so it stays sent and its next ``started`` is the next attempt.
         """
         record = self._current(index, attempt, RUNNING)
         if record is None:
@@ -325,10 +337,13 @@ class StepLifecycle:
         self._running.pop(index, None)
         record.started_at = None
         record.uncharged += 1
-        record.state = QUEUED
         if self.emit is not None:
             self._post(self.emit, StepRerun(index, record.spec.task_id, attempt + 1, reason))
-        self._queue.appendleft(index)
+        if resent:
+            record.state = SENT
+        else:
+            record.state = QUEUED
+            self._queue.appendleft(index)
         return True
 
     def gave_back(

@@ -130,7 +130,17 @@ def megabytes(size: float) -> str:
 def could_not_start(
     spec: AgentStepSpec, deaths: int, pid: int | None, code: int | None, said: str
 ) -> str:
-    """Every worker the step was sent to died (or froze) before it began."""
+    """Every worker the step was sent to died (or froze) before it began.
+
+    ``said`` is the last worker's own words; without a worker process to name
+    (``pid`` None: Dask), it is the backend's sentence of evidence instead.
+    """
+    if pid is None:
+        message = (
+            f"{_describe(spec)} could not start: {deaths} workers in a row died or stopped "
+            "responding before it began."
+        )
+        return f"{message} {said.strip()}" if said else message
     message = (
         f"{_describe(spec)} could not start: {deaths} worker processes in a row died or stopped "
         f"responding before it began (the last, pid {pid}, with "
@@ -234,3 +244,62 @@ def lost(spec: AgentStepSpec, detail: str) -> str:
         f"{_describe(spec)} was lost by procorch: {detail}. "
         "This is a bug in procorch; please report it."
     )
+
+
+# -- the Dask backend ---------------------------------------------------------------
+#
+# Dask reports a worker's death as KilledWorker on the tasks it held, with no
+# exit code or signal; procorch blames a step only on its own evidence (see
+# ``_dask``), and these sentences say what that evidence was.
+
+
+def dask_crash(spec: AgentStepSpec, address: str | None, exc: BaseException) -> str:
+    """The step was running when its Dask worker died, twice in a row."""
+    return (
+        f"{_describe(spec)} crashed: its Dask worker ({address}) died while running it, as had "
+        "the worker of its run before (a fatal signal, os._exit(), or more memory than the "
+        f"worker's memory_limit); the scheduler gave up on it: {_exception(exc)}"
+    )
+
+
+def dask_rerun(address: str | None, by_dask: bool) -> str:
+    """Why a step seen running on a Dask worker that died runs again, uncharged."""
+    if by_dask:
+        return f"its Dask worker ({address}) died while running it; Dask runs it again"
+    return (
+        f"its Dask worker ({address}) died while running it; one death does not prove that "
+        "the step caused it, so it runs again"
+    )
+
+
+def dask_gave_up(exc: BaseException) -> str:
+    """The evidence when Dask gave up on a step that was not seen to start."""
+    return f"The Dask scheduler gave up on it each time: {_exception(exc)}"
+
+
+def dask_restarted(address: str | None, problem: str | None = None) -> str:
+    """What was done to stop a step running on a Dask worker (``StopFacts.stopped``)."""
+    if problem is None:
+        return f"its Dask worker ({address}) was restarted"
+    return (
+        f"procorch asked for its Dask worker ({address}) to be restarted, which failed "
+        f"({problem}): the step may still be running there"
+    )
+
+
+def dask_task_failed(spec: AgentStepSpec, exc: BaseException) -> str:
+    """The step's Dask task failed in procorch's code around the step, not in the step."""
+    return (
+        f"{_describe(spec)} failed on the Dask cluster: its task ended with "
+        f"{_exception(exc)} (procorch's code on the worker, or the cluster, failed, "
+        "not the step)."
+    )
+
+
+def dask_task_ended(exc: BaseException) -> str:
+    """The evidence when a step's Dask task failed before the step was seen to start."""
+    return f"Its last Dask task ended with {_exception(exc)}"
+
+
+def _exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {safe_text(exc)}".strip()

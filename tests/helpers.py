@@ -235,7 +235,8 @@ class GuardExecutor(AgentExecutor):
     returns), child_then_crash / child_then_hang (start a grandchild that
     sleeps forever, then segfault or hang), print_then_raise,
     print_then_segfault, print_megabytes, flaky (fails until its attempt
-    number in ``state_dir`` reaches ``succeed_on``), always_raise,
+    number in ``state_dir`` reaches ``succeed_on``; each attempt's file holds
+    when it started, by the machine's monotonic clock), always_raise,
     always_crash, slow. Pids of workers and grandchildren go to ``state_dir``.
     """
 
@@ -296,8 +297,9 @@ class GuardExecutor(AgentExecutor):
             os.write(2, b"the end of the output\n")
             raise RuntimeError("printed five megabytes")
         elif agent == "flaky":
+            started = time.monotonic()
             attempt = len(list(Path(self.state_dir).glob(f"try-{spec.task_id}-*"))) + 1
-            Path(self.state_dir, f"try-{spec.task_id}-{attempt}").touch()
+            Path(self.state_dir, f"try-{spec.task_id}-{attempt}").write_text(repr(started))
             if attempt < self.succeed_on:
                 raise ConnectionError(f"attempt {attempt} failed")
         elif agent == "always_raise":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,17 +17,22 @@ from helpers import (
     FaultyExecutor,
     GuardExecutor,
     SeedExecutor,
+    gone,
     peak_overlap,
     read_records,
     spec,
 )
 
 from procorch import (
+    CancelToken,
     DaskBackend,
     Event,
+    RetryPolicy,
+    StepCrashed,
     StepFinished,
     StepOutcome,
     StepProgress,
+    StepRerun,
     StepStarted,
     execute_steps_parallel,
 )
@@ -42,9 +50,15 @@ def cluster() -> Iterator[object]:
     """Two single-threaded worker processes with nannies and a 400 MiB memory limit each.
 
     allowed-failures is 0, as advised for untrusted steps: a crash costs two worker deaths.
+    The lost-worker timeout is long: a LocalCluster closes a worker's nanny for good when,
+    that long after the worker was once removed (a crash), it is away again (a restart).
     """
+    config = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.deploy.lost-worker-timeout": "1h",
+    }
     with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        dask.config.set(config),
         distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,
@@ -168,7 +182,7 @@ def test_dask_command_line_points_at_the_cluster(tmp_path: Path, cluster: object
         [sys.executable, "-m", "procorch", "run", "helpers:FaultyExecutor", "specs.jsonl",
          "--dask", cluster.scheduler_address, "-q"],  # type: ignore[attr-defined]
         cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": str(TESTS)},
+        env={**os.environ, "PYTHONPATH": str(TESTS)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -176,3 +190,197 @@ def test_dask_command_line_points_at_the_cluster(tmp_path: Path, cluster: object
     assert result.returncode == 1, result.stderr
     outcomes = [msgspec.json.decode(line, type=StepOutcome) for line in result.stdout.splitlines()]
     assert [(o.task_id, o.success) for o in outcomes] == [("a", True), ("x", False), ("b", True)]
+
+
+@pytest.fixture(params=["local", "dask"])
+def either(request: pytest.FixtureRequest) -> DaskBackend | None:
+    """The local worker processes (None), then the Dask backend: the same test on both."""
+    if request.param == "local":
+        return None
+    backend: DaskBackend = request.getfixturevalue("backend")
+    return backend
+
+
+def test_dask_crash_counts_one_attempt_and_one_crashed_event(backend: DaskBackend) -> None:
+    """Dask's re-runs of a crashing step are not charged: attempts 1, one StepCrashed, then done."""
+    seen: list[Event] = []
+    out = execute_steps_parallel(
+        FaultyExecutor(hint=1), [spec("x", "segfault")], events=seen.append, backend=backend
+    )
+    error = out[0].error
+    assert error is not None and error.kind == "crash" and error.attempts == 1
+    kinds = [type(event).__name__ for event in seen]
+    assert kinds.count("StepCrashed") == 1 and kinds.count("StepFinished") == 1
+    assert kinds[-2:] == ["StepCrashed", "StepFinished"]
+    assert isinstance(seen[-2], StepCrashed) and seen[-2].attempt == seen[-1].attempt
+    assert "its Dask worker (tcp://" in out[0].output
+
+
+def test_dask_retry_waits_its_backoff(tmp_path: Path, backend: DaskBackend) -> None:
+    """Attempt n + 1 starts at least backoff * 2 ** (n - 1) s after attempt n (worker's clock)."""
+    policy = RetryPolicy(attempts=3, backoff=0.5, on=frozenset({"exception"}))
+    out = execute_steps_parallel(
+        GuardExecutor(str(tmp_path), succeed_on=3),
+        [spec("f", "flaky")],
+        retry=policy,
+        backend=backend,
+    )
+    assert out[0].success, out[0].output
+    starts = [float((tmp_path / f"try-f-{attempt}").read_text()) for attempt in (1, 2, 3)]
+    assert starts[1] - starts[0] >= 0.5
+    assert starts[2] - starts[1] >= 1.0
+
+
+def test_step_cancelled_in_its_backoff_finishes_once(
+    tmp_path: Path, either: DaskBackend | None
+) -> None:
+    """Cancelled while waiting to be retried: one StepFinished, and it did not run again."""
+    token = CancelToken()
+    seen: list[Event] = []
+
+    def on_event(event: Event) -> None:
+        seen.append(event)
+        if isinstance(event, StepRerun):
+            token.cancel()
+
+    out = execute_steps_parallel(
+        GuardExecutor(str(tmp_path)),
+        [spec("r", "always_raise")],
+        retry=RetryPolicy(attempts=3, backoff=60.0),
+        cancel=token,
+        events=on_event,
+        backend=either,
+    )
+    assert out[0].error is not None and out[0].error.kind == "cancelled"
+    assert "did not run: the call was cancelled before it could be started again" in out[0].output
+    assert [type(event).__name__ for event in seen] == ["StepStarted", "StepRerun", "StepFinished"]
+
+
+def test_token_cancelled_before_the_call_sends_nothing(
+    tmp_path: Path, either: DaskBackend | None
+) -> None:
+    """A token tripped beforehand: every step did not run, and none reached a worker."""
+    token = CancelToken()
+    token.cancel()
+    out = execute_steps_parallel(
+        GuardExecutor(str(tmp_path)), [spec("a"), spec("b")], cancel=token, backend=either
+    )
+    for outcome in out:
+        assert outcome.output.endswith("did not run: the call was cancelled before it started.")
+    assert not GuardExecutor(str(tmp_path)).pids("worker")
+
+
+def test_dask_cancel_says_did_not_run_for_steps_never_started(
+    tmp_path: Path, backend: DaskBackend
+) -> None:
+    """Cancelled with both workers busy: steps sent but not started, or never sent, did not run."""
+    token = CancelToken()
+    started: dict[str, int] = {}
+
+    def on_event(event: Event) -> None:
+        if isinstance(event, StepStarted):
+            started[event.task_id] = event.pid
+            if len(started) == 2:  # both single-threaded workers are busy
+                token.cancel()
+
+    specs = [spec("h1", "c_hang"), spec("h2", "c_hang"), spec("h3", "c_hang"), spec("a")]
+    out = execute_steps_parallel(
+        GuardExecutor(str(tmp_path), hint=3),
+        specs,
+        cancel=token,
+        call_timeout=120.0,  # a backstop only: should the scheduler queue both on one worker
+        events=on_event,
+        backend=backend,
+    )
+    assert len(started) == 2, [o.output for o in out]
+    assert all(o.error is not None and o.error.kind == "cancelled" for o in out)
+    for outcome in out:
+        if outcome.task_id in started:
+            assert "was cancelled while running; " in outcome.output
+            assert "its Dask worker (tcp://" in outcome.output
+        else:
+            assert outcome.output.endswith(
+                "did not run: the call was cancelled before it started."
+            ), outcome.output
+    assert "a" not in started
+    assert gone(started.values(), within=60)
+
+
+_SIGTERM_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from helpers import GuardExecutor, spec
+import procorch
+
+def note(event):
+    if isinstance(event, procorch.StepStarted):
+        Path({state!r}, "started-" + event.task_id).write_text(str(event.pid))
+
+try:
+    procorch.execute_steps_parallel(
+        GuardExecutor({state!r}, hint=2),
+        [spec("x", "c_hang"), spec("z")],
+        events=note,
+        backend=procorch.DaskBackend({address!r}),
+    )
+except KeyboardInterrupt:
+    print("KeyboardInterrupt reached the caller", flush=True)
+    raise
+"""
+
+
+def test_dask_sigterm_in_parent_unwinds_and_stops_its_steps(
+    tmp_path: Path, cluster: object
+) -> None:
+    """SIGTERM during a Dask call: KeyboardInterrupt rises; the hung step's worker is replaced."""
+    state = tmp_path / "state"
+    state.mkdir()
+    script = tmp_path / "parent.py"
+    address = cluster.scheduler_address  # type: ignore[attr-defined]
+    script.write_text(_SIGTERM_SCRIPT.format(tests=str(TESTS), state=str(state), address=address))
+    parent = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    marker = state / "started-x"
+    deadline = time.monotonic() + 60
+    while not marker.exists() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not marker.exists():
+        parent.kill()
+        pytest.fail(f"the step never started: {parent.communicate()[1]}")
+    worker = int(marker.read_text())
+    parent.send_signal(signal.SIGTERM)
+    stdout, stderr = parent.communicate(timeout=120)
+    assert "KeyboardInterrupt reached the caller" in stdout, stderr
+    assert parent.returncode != 0
+    assert gone([worker], within=60)
+
+
+@pytest.mark.slow
+def test_dask_own_reruns_are_uncharged_attempts() -> None:
+    """With allowed-failures 1, each run Dask makes of a crashing step is an attempt, uncharged."""
+    seen: list[Event] = []
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # the module's cluster holds the default port
+            host="127.0.0.1",
+        ) as local,
+        distributed.Client(local, set_as_default=False) as client,
+    ):
+        out = execute_steps_parallel(
+            FaultyExecutor(hint=1),
+            [spec("x", "segfault")],
+            events=seen.append,
+            backend=DaskBackend(client),
+        )
+    error = out[0].error
+    assert error is not None and error.kind == "crash" and error.attempts == 1
+    assert [e.attempt for e in seen if isinstance(e, StepStarted)] == [1, 2, 3, 4]
+    reruns = [e.reason for e in seen if isinstance(e, StepRerun)]
+    assert [reason.endswith("Dask runs it again") for reason in reruns] == [True, False, True]
+    assert [type(e).__name__ for e in seen][-2:] == ["StepCrashed", "StepFinished"]
