@@ -8,7 +8,13 @@ from ._aio import (
 )
 from ._combinators import Stage, execute_loop, execute_pipeline
 from ._dask import DaskBackend
-from ._errors import ExecutorError, InvalidSpecError, JournalSchemaError, WorkflowLockedError
+from ._errors import (
+    ExecutorError,
+    InvalidSpecError,
+    JournalError,
+    JournalSchemaError,
+    WorkflowLockedError,
+)
 from ._events import (
     Event,
     EventSink,
@@ -41,6 +47,7 @@ __all__ = [
     "EventStream",
     "ExecutorError",
     "InvalidSpecError",
+    "JournalError",
     "JournalSchemaError",
     "JournalStore",
     "ProcessPool",

@@ -30,7 +30,6 @@ import importlib
 import os
 import re
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -43,7 +42,7 @@ import msgspec
 
 from ._call import Guards
 from ._dask import DaskBackend
-from ._errors import ExecutorError, InvalidSpecError, WorkflowLockedError
+from ._errors import ExecutorError, InvalidSpecError, JournalError, WorkflowLockedError
 from ._events import Event, EventSink, StepCrashed, StepFinished, StepRerun, StepStarted
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._guards import RetryableKind, RetryPolicy
@@ -903,10 +902,8 @@ def _execute(
                 executor, specs.specs, args.workflow_id, args.journal, on_event, **guards
             )
         return execute_steps_parallel(executor, specs.specs, on_event, **guards)
-    except (WorkflowLockedError, ConnectionError) as exc:
+    except (WorkflowLockedError, JournalError, ConnectionError) as exc:
         raise _BadInput(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise _BadInput(f"journal {args.journal!r}: {exc}") from None
     except InvalidSpecError as exc:
         raise _BadInput(
             f"{_source_name(args.specs)}:{specs.lines[exc.index]}: {exc.reason}"
