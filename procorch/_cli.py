@@ -742,7 +742,10 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         tally = Tally(None if checked is None else checked.to_run, 0)
         listeners.insert(0, tally.event)
         writer = OrderedOutcomes(output, ordered=not args.unordered)
-        reader = SpecReader(source)
+        # A checked file repeats no task_id, but with --skip-bad-lines the run must skip
+        # the same repeats the check did; a stream is looked at only with a journal.
+        repeats = args.skip_bad_lines if checked is not None else journal is not None
+        reader = SpecReader(source, duplicates=repeats)
         run = Run(
             call,
             reader,

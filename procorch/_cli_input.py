@@ -5,8 +5,10 @@ A specs file is read twice: once to check every line before any step starts
 Standard input that is a pipe or a terminal is read once, as the run goes,
 by a thread of its own, so ``tail -f specs | procorch run X -`` runs each
 spec as its line arrives, and memory stays flat whatever the length: the
-reader hands over at most ``_QUEUE_SIZE`` lines ahead of the run. What is kept
-per spec is its task_id and line number, for the repeated task_id check.
+reader hands over at most ``_QUEUE_SIZE`` lines ahead of the run. Looking for a
+repeated task_id keeps every task_id seen (about 130 bytes a spec): a file is
+looked at whole before the run, a stream only with a journal, where a repeat
+would mix two steps' progress.
 
 Nothing read is ever unpickled: a line is decoded by msgspec straight into
 an :class:`AgentStepSpec`, then checked as any entry point checks a spec.
@@ -128,13 +130,15 @@ class Duplicates:
         return "" if earlier == number else f"task_id {task_id!r} is already used on line {earlier}"
 
 
-def decoded(lines: Iterator[tuple[int, bytes]]) -> Iterator[SpecLine | BadLine]:
-    """Each numbered line as a SpecLine or a BadLine (repeated task_ids included)."""
-    duplicates = Duplicates()
+def decoded(
+    lines: Iterator[tuple[int, bytes]], duplicates: bool = True
+) -> Iterator[SpecLine | BadLine]:
+    """Each numbered line as a SpecLine or a BadLine (a repeated task_id too, if ``duplicates``)."""
+    seen = Duplicates() if duplicates else None
     for number, line in lines:
         found, problem = line_problem(line)
         if found is not None:
-            problem = duplicates.problem(number, found.spec.task_id)
+            problem = "" if seen is None else seen.problem(number, found.spec.task_id)
             if not problem:
                 yield found._replace(number=number)
                 continue
@@ -220,10 +224,15 @@ class SpecSource:
 
 
 class SpecReader:
-    """A thread decoding a source's lines into a bounded queue, poking ``wake`` after each."""
+    """A thread decoding a source's lines into a bounded queue, poking ``wake`` after each.
 
-    def __init__(self, source: SpecSource) -> None:
+    ``duplicates``: look for repeated task_ids, which takes memory growing with
+    the input (a file checked whole needs no second look).
+    """
+
+    def __init__(self, source: SpecSource, duplicates: bool) -> None:
         self._source = source
+        self._duplicates = duplicates
         self._queue: queue.Queue[Item] = queue.Queue(_QUEUE_SIZE)
         self.wake: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._read, name="procorch-specs", daemon=True)
@@ -233,7 +242,7 @@ class SpecReader:
 
     def _read(self) -> None:
         try:
-            for item in decoded(self._source.lines()):
+            for item in decoded(self._source.lines(), self._duplicates):
                 self._queue.put(item)
                 self.wake()
             end = InputEnd()
