@@ -779,12 +779,14 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
             if display is not None:
                 display.stop()
             _stop_workers()
-            writer.write_waiting()
-            output.commit()
-            committed = True
+            committed = _keep_what_finished(writer, output, say)
             return _interrupted(console, tally, writer, output, exc, args)
         except UnwritableOutput as exc:
             say(f"procorch: {exc}")
+            return EXIT_FAILED
+        except JournalError as exc:  # the journal failed under the run (a full disk, say)
+            committed = _keep_what_finished(writer, output, say)
+            say(f"procorch: {exc}; the run stopped, {count(writer.written, 'outcome')} written")
             return EXIT_FAILED
         finally:
             if display is not None:
@@ -799,7 +801,10 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         tally.reused = writer.written - tally.counts().finished
         finished = run.all_succeeded and run.stopped_by is None and not run.halted
         if journal is not None and finished:
-            journal.finish()
+            try:
+                journal.finish()
+            except JournalError as exc:
+                say(f"procorch: warning: {exc}")
         for problem in (log.problem if log else None, joblog.problem if joblog else None):
             if problem is not None:
                 say(f"procorch: warning: {problem}")
@@ -815,11 +820,24 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
                 say(line)
         if run.stopped_by is not None:
             say(
-                f"procorch: {run.stopped_by} (the run stopped there; the "
-                f"{count(writer.written, 'outcome')} before it were written)"
+                f"procorch: {run.stopped_by} (the run stopped there; outcomes written: "
+                f"{writer.written})"
             )
             return EXIT_USAGE
         return EXIT_OK if run.all_succeeded else EXIT_FAILED
+
+
+def _keep_what_finished(
+    writer: OrderedOutcomes, output: OutcomeFile, say: Callable[[str], None]
+) -> bool:
+    """Write the final outcomes still waiting for an earlier one, and put the file in place."""
+    try:
+        writer.write_waiting()
+        output.commit()
+    except (UnwritableOutput, OSError) as exc:
+        say(f"procorch: {exc}")
+        return False
+    return True
 
 
 def _interrupted(

@@ -717,8 +717,15 @@ def _count_in(path: Path, text: str) -> int:
     return path.read_text().count(text) if path.exists() else 0
 
 
-def test_run_ctrl_c_keeps_every_finished_outcome_in_input_order(tmp_path: Path) -> None:
-    """SIGINT after some steps finished: their outcomes are in -o, each line whole, in order."""
+@pytest.mark.parametrize(
+    ("signum", "status", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_run_stopped_keeps_every_finished_outcome_in_input_order(
+    tmp_path: Path, signum: int, status: int, word: str
+) -> None:
+    """SIGINT (or SIGTERM) after some steps finished: their outcomes are in -o, whole, in order."""
     task_ids = [f"t{n:02d}" for n in range(40)]
     _write_specs(tmp_path / "specs.jsonl", [(task_id, "ok") for task_id in task_ids])
     (tmp_path / "outcomes.jsonl").write_text("an earlier run's outcomes\n")
@@ -739,13 +746,14 @@ def test_run_ctrl_c_keeps_every_finished_outcome_in_input_order(tmp_path: Path) 
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.02)
         finished = _count_in(tmp_path / "events.jsonl", '"event":"finished"')
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 130, stderr
+    assert process.returncode == status, stderr
+    assert stderr.count(word) == 1
     outcomes = _outcomes((tmp_path / "outcomes.jsonl").read_text())
     assert len(outcomes) >= finished
     positions = [task_ids.index(outcome.task_id) for outcome in outcomes]
@@ -827,8 +835,8 @@ def test_run_stream_stops_at_a_bad_line_keeping_what_ran(tmp_path: Path) -> None
     assert result.returncode == 2, result.stderr
     assert [o.task_id for o in _outcomes(result.stdout)] == ["a", "b"]
     assert result.stderr.endswith(
-        "procorch: <stdin>:3: Expected `object`, got `array` (the run stopped there; the 2 "
-        "outcomes before it were written)\n"
+        "procorch: <stdin>:3: Expected `object`, got `array` (the run stopped there; outcomes "
+        "written: 2)\n"
     )
 
 
