@@ -644,13 +644,18 @@ def _check_input(
     return _Checked(to_run, reused, skipped)
 
 
-def _open_log(path: str, what: str, stdout: IO[bytes] | None) -> IO[bytes]:
-    """A log file, truncated now (the run is about to start); ``-``: the claimed standard output."""
+def _open_log(
+    path: str, what: str, stdout: IO[bytes] | None, stack: contextlib.ExitStack
+) -> IO[bytes]:
+    """A log file, truncated now (the run is about to start); ``-``: the claimed standard output.
+
+    A file is closed with the stack; standard output by ``main``, which ignores a closed pipe.
+    """
     if path == "-":
         assert stdout is not None
         return stdout
     try:
-        return open(path, "wb")
+        return stack.enter_context(open(path, "wb"))
     except OSError as exc:
         raise _BadInput(f"cannot write {what} to {path!r}: {exc.strerror or exc}") from None
 
@@ -730,14 +735,10 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         stack.callback(keep_outcomes)
         log = joblog = None
         if args.events is not None:
-            log = EventLog(
-                stack.enter_context(_open_log(args.events, "events", stdout)), args.events
-            )
+            log = EventLog(_open_log(args.events, "events", stdout, stack), args.events)
             listeners.append(log.write)
         if args.joblog is not None:
-            joblog = JobLog(
-                stack.enter_context(_open_log(args.joblog, "the job log", None)), args.joblog
-            )
+            joblog = JobLog(_open_log(args.joblog, "the job log", None, stack), args.joblog)
             listeners.append(joblog.event)
         tally = Tally(None if checked is None else checked.to_run, 0)
         listeners.insert(0, tally.event)

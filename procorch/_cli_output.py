@@ -77,7 +77,9 @@ class OutcomeFile:
             self._stream.write(data)
             self._stream.flush()
         except OSError as exc:
-            raise UnwritableOutput(_cannot(self.path, exc)) from None
+            raise UnwritableOutput(
+                f"cannot write outcomes to {self.where}: {exc.strerror or exc}"
+            ) from None
 
     def commit(self) -> None:
         """Put the outcomes in place: rename the temporary over the file."""

@@ -11,8 +11,10 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -624,6 +626,11 @@ RUN_OPTIONS = [
     "--journal",
     "--quiet",
     "--progress-interval",
+    "--unordered",
+    "--joblog",
+    "--dry-run",
+    "--halt-on-failure",
+    "--dask",
 ]
 
 
@@ -1073,3 +1080,26 @@ def test_run_memory_stays_flat_over_a_long_stream(tmp_path: Path) -> None:
     growth = max(sizes[2:]) - sizes[2]
     # 0.7 MiB here; keeping each task_id (the repeat check, which a stream skips) made it 4.9.
     assert growth < 3 * 2**20, f"grew {growth / 2**20:.1f} MiB"
+
+
+def test_run_writes_to_a_fifo_without_replacing_it(tmp_path: Path) -> None:
+    """-o naming a FIFO (or a device) writes to it directly: it is never renamed over."""
+    fifo = tmp_path / "outcomes.fifo"
+    os.mkfifo(fifo)
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        result = _procorch(
+            tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", "-o", str(fifo)
+        )
+    finally:
+        if reader.is_alive():  # the command never opened it: let the reader go
+            with open(fifo, "wb"):
+                pass
+        reader.join(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [o.task_id for o in _outcomes(received[0].decode())] == ["a", "b"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outcomes.fifo", "specs.jsonl"]
