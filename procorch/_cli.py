@@ -816,6 +816,8 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
                 f"(--halt-on-failure {args.halt_on_failure}): "
                 f"{count(tally.kinds['cancelled'], 'step')} cancelled"
             )
+            if checked is None:
+                notes.append(f"{source.name} was not read past line {run.last_line}")
         if not args.quiet:
             for line in summary(tally, run.skipped + (checked.skipped if checked else 0), notes):
                 say(line)

@@ -75,9 +75,8 @@ class Run:
         self.failures = 0  # failed outcomes, those cancelled by a halt aside
         self.all_succeeded = True
         self.halted = False
-        self.cancelled = 0  # steps that never started because of the halt
         self.skipped = 0
-        self.last_line = 0
+        self.last_line = 0  # the line of the last spec read
         self.stopped_by: str | None = None  # a bad line or a read error of a stream
 
     def run(self) -> None:
@@ -120,7 +119,6 @@ class Run:
             error = StepError(kind="cancelled", message=message, attempts=0)
             outcome = StepOutcome.failed(item.spec.task_id, item.spec.agent, message, error)
             self.all_succeeded = False
-            self.cancelled += 1
             self._tally.outcome(outcome)
             self._writer.put(position, outcome)
 

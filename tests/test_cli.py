@@ -28,6 +28,7 @@ from helpers import gone
 import procorch
 from procorch import AgentStepSpec, Event, StepFinished, StepOutcome, StepStarted
 from procorch._cli import _parse_size
+from procorch._cli_input import line_problem
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
@@ -1103,3 +1104,21 @@ def test_run_writes_to_a_fifo_without_replacing_it(tmp_path: Path) -> None:
     assert [o.task_id for o in _outcomes(received[0].decode())] == ["a", "b"]
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outcomes.fifo", "specs.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"task_id": "a", "agent": "x"', "missing closing brace at the end of the line"),
+        (b'{"output_schema": {"enum": [1', "missing closing bracket at the end of the line"),
+        (b'{"task_id": "a", "agent": "x\\"}', "the line ends inside a string"),
+        (b'{"task_id": "\xc3\x28"}', "invalid UTF-8 at byte 14 of the line (0xc3)"),
+        (b'\xff{"task_id": "a"}', "invalid UTF-8 at byte 1 of the line (0xff)"),
+        (GOOD.splitlines()[0].encode() + b" x", "JSON is malformed: trailing characters"),
+    ],
+)
+def test_line_problem_names_what_is_wrong(line: bytes, problem: str) -> None:
+    """A bad line's problem says what was left open, or where the bad byte is."""
+    found, said = line_problem(line)
+    assert found is None
+    assert problem in said
