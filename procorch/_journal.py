@@ -137,6 +137,7 @@ class _LockFile:
         self.journal = journal
         self.path = Path(f"{journal}.lock")
         self._fd = -1
+        self._whole = False  # without OFD locks: whether this run holds the whole file
 
     def share(self) -> None:
         """Open the lock file and take the journal's shared lock (waiting out a removal)."""
@@ -173,6 +174,7 @@ class _LockFile:
             if _OFD:
                 return _range_lock(self._fd, fcntl.F_WRLCK, _workflow_byte(workflow_id), False)
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._whole = True
         except BlockingIOError:
             return False
         except OSError as exc:
@@ -184,7 +186,7 @@ class _LockFile:
     def take_all(self) -> bool:
         """The journal to itself (no other run uses it), without waiting; False if not."""
         if not _OFD:
-            return True  # flock: this run holds the whole file already
+            return self._whole  # flock: a run that holds the file holds it whole
         try:
             return _range_lock(self._fd, fcntl.F_WRLCK, _JOURNAL_BYTE, wait=False)
         except OSError:

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from helpers import FaultyExecutor, JournaledExecutor, gone, log_counts, spec
 
+import procorch._journal
 from procorch import (
     JournalError,
     JournalSchemaError,
@@ -424,3 +425,19 @@ def test_journal_that_never_held_a_step_is_not_left_behind(tmp_path: Path) -> No
     out = execute_steps_parallel_resumable(FaultyExecutor(), [spec("b", "raise")], "wf", journal)
     assert not out[0].success
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_without_ofd_locks_one_run_holds_the_whole_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where flock stands in (no OFD locks), a second run of any workflow is refused, and
+    closing the refused one removes nothing from under the first."""
+    monkeypatch.setattr(procorch._journal, "_OFD", False)
+    journal = tmp_path / "journal.db"
+    first = SqliteStore(journal).open_workflow("wf")
+    with pytest.raises(WorkflowLockedError):
+        SqliteStore(journal).open_workflow("another")
+    assert journal.exists() and (tmp_path / "journal.db.lock").exists()
+    first.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing journaled: removed
+    SqliteStore(journal).open_workflow("another").close()
