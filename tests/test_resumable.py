@@ -294,6 +294,18 @@ def _other_application_id(path: Path) -> None:
     connection.close()
 
 
+def _damaged(path: Path) -> None:
+    """A procorch journal whose first page (the schema) was overwritten."""
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE procorch_schema (version INTEGER NOT NULL)")
+        for number in range(20):
+            connection.execute(f"CREATE TABLE filler{number} (x)")
+    connection.close()
+    data = bytearray(path.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)
+    path.write_bytes(bytes(data))
+
+
 UNUSABLE = {
     "not sqlite": (_garbage, "is not a procorch journal: it is not a SQLite database"),
     "another application": (
@@ -306,6 +318,7 @@ UNUSABLE = {
         "is a SQLite database of another application (application_id 0x4d2",
     ),
     "a directory": (lambda path: path.mkdir(), "cannot be opened: it is a directory"),
+    "damaged": (_damaged, "is damaged: database disk image is malformed"),
 }
 
 
