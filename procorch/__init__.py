@@ -11,6 +11,7 @@ from ._dask import DaskBackend
 from ._errors import (
     ExecutorError,
     InvalidSpecError,
+    JournalError,
     JournalSchemaError,
     StepTimeout,
     WorkflowLockedError,
@@ -48,6 +49,7 @@ __all__ = [
     "EventStream",
     "ExecutorError",
     "InvalidSpecError",
+    "JournalError",
     "JournalSchemaError",
     "JournalStore",
     "ProcessPool",

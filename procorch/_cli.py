@@ -1,56 +1,55 @@
-"""The command line: ``procorch run`` a batch of specs from a file, ``procorch demo``.
+"""The command line: ``procorch run`` a batch of specs from a file or a stream, ``procorch demo``.
 
 Data flow of ``procorch run EXECUTOR SPECS``::
 
-    EXECUTOR --import--> executor        (--concurrency wraps it in _ConcurrencyOverride)
-    SPECS ----msgspec, line by line--> specs   (a bad line: exit 2 before any step starts,
-                                                or a warning with --skip-bad-lines)
-    execute_steps_parallel(executor, specs, events=on_event, guards from the options)
-        on_event --> _Tally (counts, durations) <-- read by _Display's own thread
-                 \\-> the events file, one JSON line per event, flushed at once
-    outcomes --> the output, one JSON line per spec, in input order
-    summary --> standard error; exit status 0 / 1 / 2 / 130
+    EXECUTOR --import--> executor      (--concurrency wraps it in _ConcurrencyOverride)
+    checks: the executor and the guards (the engine's own), --dask's scheduler, the journal;
+            a specs file is read whole, line by line, before any step starts
+    SPECS --SpecReader thread, line by line--> Run --> the step lifecycle (worker processes)
+    outcomes --> OrderedOutcomes --> FILE.<random>.part, renamed to FILE at the end
+    events --> Tally (read by the Display's thread), the events file, the job log
+    steps' standard output and error --> OutputRelay --> above the progress line
+    summary --> standard error; exit status 0 / 1 / 2 / 130 / 143
 
 - Nothing read from a file is unpickled: specs are decoded by msgspec straight
   into :class:`AgentStepSpec`, which rejects a line with its field at fault.
-- The event callback runs in the dispatcher's thread between steps, so it only
-  counts and writes one line; the display draws from a thread of its own.
-- When outcomes or events go to standard output, the command keeps that
-  descriptor for itself and points descriptor 1 at standard error before any
-  user code runs, so what the executor's module or its steps print cannot
-  corrupt the JSON Lines.
+- Descriptors 1 and 2 point at the relay's pipe from before any user code
+  runs (the executor's module, the workers started later), so what steps
+  print never reaches standard output, whose JSON Lines go through a private
+  descriptor, and never tears the progress line (see ``_cli_console``).
+- Every failure to start is one line and exit status 2; once steps run, what
+  finished is kept, whatever stops the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import asyncio
 import contextlib
 import importlib
 import os
 import re
 import signal
-import sqlite3
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, NoReturn
 
-import msgspec
-
-from ._call import Guards
+from ._call import Guards, prepare_call
+from ._cli_console import Console, Display, OutputRelay, Tally, count, summary
+from ._cli_input import BadLine, SpecReader, SpecSource, UnusableInput, decoded
+from ._cli_output import EventLog, JobLog, OrderedOutcomes, OutcomeFile, UnwritableOutput
+from ._cli_run import Run
 from ._dask import DaskBackend
-from ._errors import ExecutorError, InvalidSpecError, WorkflowLockedError
-from ._events import Event, EventSink, StepCrashed, StepFinished, StepRerun, StepStarted
+from ._errors import ExecutorError, JournalError, WorkflowLockedError
+from ._events import Event, EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
-from ._guards import RetryableKind, RetryPolicy
+from ._guards import CancelToken, RetryableKind, RetryPolicy
+from ._journal import SqliteStore, WorkflowJournal, spec_digest
 from ._model import AgentStepSpec, StepOutcome
-from ._parallel import execute_steps_parallel
 from ._pool import shutdown
-from ._resumable import execute_steps_parallel_resumable
 
 __all__ = ["main"]
 
@@ -63,17 +62,11 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 _RETRYABLE: tuple[RetryableKind, ...] = ("exception", "crash", "timeout", "memory")
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-_LIVE_INTERVAL = 0.1  # seconds between redraws of the terminal line
-_SLOWEST_SHOWN = 3
-_FAILURES_SHOWN = 5
-_CAUSE_WIDTH = 200  # characters of a failure's message shown in the summary
+# Steps taken in per unit of concurrency and not yet written out (as stream_steps_parallel).
+_WINDOW_PER_SLOT = 256
+_DASK_PROBE_SECONDS = 3.0
 
 _MISSING = object()
-
-_encode_json = msgspec.json.Encoder().encode
-_encode_json_lines = msgspec.json.Encoder().encode_lines
-_decode_spec = msgspec.json.Decoder(AgentStepSpec).decode
-_encode_msgpack = msgspec.msgpack.Encoder().encode
 
 
 class _BadInput(Exception):
@@ -174,14 +167,17 @@ and what happened, and every other step runs."""
 
 _EXIT_STATUS = """\
 exit status:
-  0    every step succeeded
-  1    some step failed (or the outcomes could not be written)
-  2    bad usage or bad input; no step was started
-  130  interrupted (Ctrl-C); the running steps were stopped (143 for SIGTERM)"""
+  0    every step succeeded (or, with --dry-run, everything checked out)
+  1    some step failed, or the run was halted (or the outcomes could not be written)
+  2    bad usage or bad input; no step was started (on standard input: a bad line
+       stops the run there, and the outcomes of the steps before it are written)
+  130  interrupted (Ctrl-C): running steps were stopped, finished outcomes written
+       (143 for SIGTERM)"""
 
 _RUN_DESCRIPTION = """\
 Run every spec of SPECS with EXECUTOR in worker processes and write one outcome
-per spec, in input order, as JSON Lines.
+per spec as JSON Lines, in input order, each as soon as it and those before it
+are final.
 
 EXECUTOR is an import path, package.module:attribute, naming a class (created
 with no arguments), a function returning an executor, or an executor instance;
@@ -191,17 +187,23 @@ searched first, as with python -m.
 SPECS is a JSON Lines file (- for standard input), one spec per line:
   {"task_id": "a", "agent": "counter", "description": "count", "prompt": "one two"}
 with optional "max_steps", "parent_session_id" and "output_schema". Blank lines
-are ignored. A line that is not a spec, or repeats a task_id, stops the command
-before any step starts, naming the line and the field at fault."""
+are ignored. A file is checked whole before any step starts: a line that is not
+a spec, or repeats a task_id, stops the command there, naming the line and the
+field at fault. Standard input that is a pipe is read as the steps run, each
+spec starting as its line arrives (tail -f specs.jsonl | procorch run ...)."""
 
 _RUN_EPILOG = f"""\
+With -o FILE, outcomes go to FILE.<random>.part beside it, renamed to FILE when
+the run ends, however it ends: an interrupted run keeps every outcome that was
+final, and an earlier FILE is untouched by a run that fails to start.
+
 A progress line shows on standard error: redrawn in place on a terminal, a
-plain line every --progress-interval seconds otherwise. The summary at the end
-counts the failures by kind (an outcome's error.kind: exception, crash,
-timeout, memory...; unsuccessful when the executor itself returned success
-false), and names the slowest steps and the first failures.
-When outcomes or events go to standard output, whatever the steps print goes
-to standard error instead, so standard output carries only JSON.
+plain line every --progress-interval seconds otherwise. Whatever the steps
+print goes to standard error, above the progress line, never to standard
+output. The summary at the end counts the failures by kind (an outcome's
+error.kind: exception, crash, timeout, memory...; unsuccessful when the
+executor itself returned success false), and names the slowest steps and the
+first failures.
 
 {_EXIT_STATUS}
 
@@ -209,14 +211,24 @@ examples:
   procorch run mypkg.agents:Executor specs.jsonl -o outcomes.jsonl
   procorch run mypkg.agents:Executor - -j 8 --step-timeout 60 --memory-limit 2G < specs.jsonl
   procorch run mypkg.agents:make_executor specs.jsonl --attempts 3 --retry-on crash,timeout \\
-      --events events.jsonl -o outcomes.jsonl"""
+      --events events.jsonl --joblog jobs.tsv -o outcomes.jsonl
+  tail -f specs.jsonl | procorch run mypkg.agents:Executor - --unordered -o outcomes.jsonl"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a usage error in one line (the usage itself only when nothing was given)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            super().error(message)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
     """The ``procorch`` parser and its subcommands."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="procorch",
         description=_DESCRIPTION,
         epilog=f"{_EXIT_STATUS}\n\nRun 'procorch COMMAND --help' for a command's options.",
@@ -262,6 +274,23 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--events",
         metavar="FILE",
         help="write the events here as they happen, one JSON line each (- for standard output)",
+    )
+    files.add_argument(
+        "--unordered",
+        action="store_true",
+        help="write each outcome as soon as its step ends, instead of in input order",
+    )
+    files.add_argument(
+        "--joblog",
+        metavar="FILE",
+        help="write one tab-separated line per step as it ends: index, task_id, agent, "
+        "start (Unix time), duration, attempts, result (ok or the failure's kind), pid",
+    )
+    files.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the specs, the executor and the options (and the journal and the "
+        "Dask scheduler, if given), then exit without running any step",
     )
     files.add_argument(
         "--skip-bad-lines",
@@ -321,6 +350,13 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep what each step prints; a failed outcome's error.printed holds the last 4 KiB",
     )
+    guards.add_argument(
+        "--halt-on-failure",
+        metavar="N",
+        type=_at_least_one,
+        help="stop the run after N failed steps: running steps are stopped and the rest "
+        "never start, each failing as cancelled",
+    )
     where = run.add_argument_group("where the steps run")
     where.add_argument(
         "--dask",
@@ -341,7 +377,8 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     resume.add_argument(
         "--journal",
         metavar="PATH",
-        help="the SQLite file holding the journal (created if absent; needs --workflow-id)",
+        help="the SQLite file holding the journal (created if absent, removed once no "
+        "workflow in it has steps to resume; needs --workflow-id)",
     )
     display = run.add_argument_group("display")
     display.add_argument(
@@ -367,14 +404,27 @@ def _check_combinations(args: argparse.Namespace) -> None:
         parser.error("--workflow-id and --journal go together")
     if args.attempts == 1 and (args.retry_on is not None or args.retry_backoff is not None):
         parser.error("--retry-on and --retry-backoff need --attempts 2 or more")
+    if args.dask is not None:
+        if args.memory_limit is not None:
+            parser.error(
+                "--memory-limit is not available with --dask: set the Dask workers' own "
+                "memory limit instead"
+            )
+        if args.capture_output:
+            parser.error(
+                "--capture-output is not available with --dask: the Dask workers' own logs "
+                "keep what steps print"
+            )
     if args.output == "-" and args.events == "-":
         parser.error("--output and --events cannot both be standard output")
-    if (
-        args.events not in (None, "-")
-        and args.output != "-"
-        and _same_file(args.output, args.events)
-    ):
-        parser.error(f"--output and --events name the same file ({args.output!r})")
+    if args.joblog == "-":
+        parser.error("--joblog needs a file (standard output carries the outcomes or events)")
+    files = {"--output": args.output, "--events": args.events, "--joblog": args.joblog}
+    named = [(option, path) for option, path in files.items() if path not in (None, "-")]
+    for number, (option, path) in enumerate(named):
+        for other, other_path in named[number + 1 :]:
+            if _same_file(path, other_path):
+                parser.error(f"{option} and {other} name the same file ({path!r})")
 
 
 def _same_file(first: str, second: str) -> bool:
@@ -460,377 +510,7 @@ def _concurrency(executor: Any, path: str) -> int:
     return max(1, value)
 
 
-def _read_source(source: str) -> bytes:
-    """The bytes of the specs file, or of standard input for ``-``."""
-    if source == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(source, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise _BadInput(f"cannot read specs file {source!r}: {exc.strerror or exc}") from None
-
-
-def _numbered_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """The non-blank lines of ``data`` with their numbers, counting from 1."""
-    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
-        if line.strip():
-            yield number, line
-
-
-def _spec_problem(line: bytes) -> tuple[AgentStepSpec | None, str]:
-    """The spec on ``line``, or what is wrong with it."""
-    try:
-        spec = _decode_spec(line)
-        _encode_msgpack(spec)  # it must travel to the workers, too
-    except msgspec.DecodeError as exc:
-        return None, str(exc)
-    except (TypeError, OverflowError) as exc:
-        return None, f"cannot be sent to a worker: {exc}"
-    return spec, ""
-
-
-class _Specs(NamedTuple):
-    """The specs read from SPECS, the line each came from, and how many lines were skipped."""
-
-    specs: list[AgentStepSpec]
-    lines: list[int]
-    skipped: int
-
-
-def _source_name(source: str) -> str:
-    """How messages name the specs: the path as given, or ``<stdin>``."""
-    return "<stdin>" if source == "-" else source
-
-
-def _read_specs(source: str, skip_bad_lines: bool) -> _Specs:
-    """Every spec of ``source``, in order; a bad line raises, or is skipped with a warning."""
-    specs: list[AgentStepSpec] = []
-    lines: list[int] = []
-    first_line: dict[str, int] = {}
-    skipped = 0
-    for number, line in _numbered_lines(_read_source(source)):
-        spec, problem = _spec_problem(line)
-        if spec is not None:
-            earlier = first_line.setdefault(spec.task_id, number)
-            if earlier == number:
-                specs.append(spec)
-                lines.append(number)
-                continue
-            problem = f"task_id {spec.task_id!r} is already used on line {earlier}"
-        where = f"{_source_name(source)}:{number}"
-        if not skip_bad_lines:
-            raise _BadInput(f"{where}: {problem}")
-        _say(f"procorch: skipping {where}: {problem}")
-        skipped += 1
-    return _Specs(specs, lines, skipped)
-
-
-# -- output --------------------------------------------------------------------------
-
-
-def _say(line: str) -> None:
-    """Write one line to standard error."""
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # standard error is closed: nothing more to do
-        pass
-
-
-def _claim_stdout() -> IO[bytes]:
-    """Standard output, for this command's JSON Lines only; descriptor 1 becomes stderr.
-
-    Whatever else writes to descriptor 1 from now on (the executor's module,
-    worker processes, which inherit it) lands on standard error instead.
-    """
-    sys.stdout.flush()
-    try:
-        private = os.dup(1)
-        os.dup2(2, 1)
-    except OSError as exc:
-        raise _BadInput(f"standard output is not usable: {exc.strerror or exc}") from None
-    return os.fdopen(private, "wb")
-
-
-def _open_sink(path: str, what: str, stdout: IO[bytes] | None) -> IO[bytes]:
-    """A file to write ``what`` to, truncated now; ``-`` is the claimed standard output."""
-    if path == "-":
-        assert stdout is not None
-        return stdout
-    try:
-        return open(path, "wb")
-    except OSError as exc:
-        raise _BadInput(f"cannot write {what} to {path!r}: {exc.strerror or exc}") from None
-
-
-class _EventLog:
-    """Writes each event as one JSON line and flushes it, so a reader can follow along.
-
-    A write that fails (a full disk) stops the log rather than the run; the
-    command warns about it at the end.
-    """
-
-    def __init__(self, sink: IO[bytes], path: str) -> None:
-        self._sink = sink
-        self._path = path
-        self.problem: str | None = None
-
-    def write(self, event: Event) -> None:
-        if self.problem is not None:
-            return
-        try:
-            self._sink.write(_encode_json(event) + b"\n")
-            self._sink.flush()
-        except OSError as exc:
-            self.problem = f"stopped writing events to {self._path!r}: {exc.strerror or exc}"
-
-
-# -- progress ----------------------------------------------------------------------
-
-
-class _Counts(NamedTuple):
-    """The state of a run at one instant; ``failed`` leaves crashes out."""
-
-    total: int
-    succeeded: int
-    failed: int
-    crashed: int
-    running: int
-    elapsed: float
-
-    @property
-    def finished(self) -> int:
-        return self.succeeded + self.failed + self.crashed
-
-    @property
-    def rate(self) -> float | None:
-        """Steps finished per second so far."""
-        return self.finished / self.elapsed if self.finished and self.elapsed > 0 else None
-
-    @property
-    def left(self) -> float | None:
-        """Seconds until the last step finishes, at the rate so far."""
-        rate = self.rate
-        return None if rate is None else (self.total - self.finished) / rate
-
-
-class _Tally:
-    """What the display and the summary know of a run, kept up from its events.
-
-    ``record`` is the event callback's part: a few counters under a lock, so
-    the display thread reads them consistently.
-    """
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.started = time.monotonic()
-        self._lock = threading.Lock()
-        self._running: set[int] = set()
-        self._crashed: set[int] = set()  # steps whose current attempt crashed
-        self._counts = collections.Counter[str]()
-        self.durations: dict[str, float] = {}  # task_id -> its last attempt's duration
-
-    def record(self, event: Event) -> None:
-        with self._lock:
-            if isinstance(event, StepStarted):
-                self._running.add(event.index)
-            elif isinstance(event, StepCrashed):
-                self._crashed.add(event.index)
-            elif isinstance(event, StepRerun):
-                self._running.discard(event.index)
-                self._crashed.discard(event.index)
-            elif isinstance(event, StepFinished):
-                self._running.discard(event.index)
-                self.durations[event.task_id] = event.duration
-                if event.success:
-                    self._counts["succeeded"] += 1
-                elif event.index in self._crashed:
-                    self._counts["crashed"] += 1
-                else:
-                    self._counts["failed"] += 1
-
-    def counts(self) -> _Counts:
-        with self._lock:
-            return _Counts(
-                self.total,
-                self._counts["succeeded"],
-                self._counts["failed"],
-                self._counts["crashed"],
-                len(self._running),
-                time.monotonic() - self.started,
-            )
-
-
-def _count(number: int, noun: str) -> str:
-    """``1 step``, ``2 steps``."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _duration(seconds: float) -> str:
-    """``12 ms``, ``3.14 s``, ``12.5 s``, ``4 min 05 s``, ``2 h 03 min``."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 10:
-        return f"{seconds:.2f} s"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def _progress_text(counts: _Counts) -> str:
-    """``7/10 done: 5 ok, 1 failed, 1 crashed; 2 running; 3.1 steps/s; about 1.0 s left``."""
-    text = (
-        f"{counts.finished}/{counts.total} done: {counts.succeeded} ok, {counts.failed} failed, "
-        f"{counts.crashed} crashed; {counts.running} running"
-    )
-    rate = counts.rate
-    if rate is not None:
-        text += f"; {rate:.1f} steps/s" if rate >= 1 else f"; {rate * 60:.1f} steps/min"
-    left = counts.left
-    if left is not None and counts.finished < counts.total:
-        text += f"; about {_duration(left)} left"
-    return text
-
-
-def _live_text(counts: _Counts, width: int = 20) -> str:
-    """``[########------------] 4/10  ok 3  failed 1  crashed 0  running 2  2.1/s  ~3.0 s left``."""
-    filled = width * counts.finished // max(counts.total, 1)
-    text = (
-        f"[{'#' * filled}{'-' * (width - filled)}] {counts.finished}/{counts.total}  "
-        f"ok {counts.succeeded}  failed {counts.failed}  crashed {counts.crashed}  "
-        f"running {counts.running}"
-    )
-    rate = counts.rate
-    if rate is not None:
-        text += f"  {rate:.1f}/s" if rate >= 1 else f"  {rate * 60:.1f}/min"
-    left = counts.left
-    if left is not None and counts.finished < counts.total:
-        text += f"  ~{_duration(left)} left"
-    return text
-
-
-class _Display:
-    """The tally on standard error while the steps run, drawn from a thread of its own.
-
-    It starts with the first event, so a run that fails its checks shows no
-    progress. Then, on a terminal, one line redrawn in place ten times a
-    second; anywhere else (a file, a pipe, a CI log), a ``header`` line and a
-    plain line every ``interval`` seconds.
-    """
-
-    def __init__(self, tally: _Tally, stream: IO[str], interval: float, header: str) -> None:
-        self._tally = tally
-        self._stream = stream
-        self._header = header
-        self._live = _is_terminal(stream)
-        self._interval = _LIVE_INTERVAL if self._live else interval
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.started = False
-
-    def start(self) -> None:
-        self.started = True
-        self._write(self._header + "\n")
-        self._thread = threading.Thread(target=self._loop, name="procorch-display", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop drawing; on a terminal, erase the line."""
-        if self._thread is None:
-            return
-        self._stopping.set()
-        self._thread.join()
-        self._thread = None
-        if self._live:
-            self._write("\r\x1b[2K")
-
-    def _loop(self) -> None:
-        if self._live:
-            self._draw()
-        while not self._stopping.wait(self._interval):
-            self._draw()
-
-    def _draw(self) -> None:
-        counts = self._tally.counts()
-        if self._live:
-            self._write("\r\x1b[2K" + _live_text(counts)[: _columns(self._stream) - 1])
-        else:
-            self._write(f"procorch: [{_duration(counts.elapsed)}] {_progress_text(counts)}\n")
-
-    def _write(self, text: str) -> None:
-        try:
-            self._stream.write(text)
-            self._stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
-def _is_terminal(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty() and os.environ.get("TERM") != "dumb"
-    except (OSError, ValueError):
-        return False
-
-
-def _columns(stream: IO[str]) -> int:
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError):
-        columns = 0
-    return columns if columns > 0 else 80  # a pseudo-terminal may report 0
-
-
-# -- the summary ---------------------------------------------------------------------
-
-
-def _failure_kind(outcome: StepOutcome) -> str:
-    """The failure's kind, or ``unsuccessful`` when the executor returned success false."""
-    return outcome.error.kind if outcome.error is not None else "unsuccessful"
-
-
-def _cause(outcome: StepOutcome) -> str:
-    """The first line of a failed outcome's message, cut to a readable length."""
-    lines = outcome.output.strip().splitlines()
-    first = lines[0] if lines else "(no message)"
-    return first if len(first) <= _CAUSE_WIDTH else first[: _CAUSE_WIDTH - 3] + "..."
-
-
-def _summary(outcomes: Sequence[StepOutcome], tally: _Tally, skipped: int) -> list[str]:
-    """The lines printed at the end: counts, failures by kind, slowest steps, first failures."""
-    failed = [outcome for outcome in outcomes if not outcome.success]
-    elapsed = _duration(time.monotonic() - tally.started)
-    lines = [
-        f"procorch: {_count(len(outcomes), 'step')} in {elapsed}: "
-        f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"
-    ]
-    if skipped:
-        lines.append(f"  skipped {_count(skipped, 'bad line')} of the specs")
-    if failed:
-        kinds = collections.Counter(_failure_kind(outcome) for outcome in failed)
-        lines.append(
-            "  failures by kind: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
-        )
-    slowest = sorted(tally.durations.items(), key=lambda item: -item[1])[:_SLOWEST_SHOWN]
-    if slowest:
-        lines.append(
-            "  slowest: " + ", ".join(f"{task_id} {_duration(sec)}" for task_id, sec in slowest)
-        )
-    if failed:
-        lines.append("  first failures:")
-        width = max(len(outcome.task_id) for outcome in failed[:_FAILURES_SHOWN])
-        for outcome in failed[:_FAILURES_SHOWN]:
-            kind = _failure_kind(outcome)
-            lines.append(f"    {outcome.task_id:<{width}}  {kind:<12} {_cause(outcome)}")
-        if len(failed) > _FAILURES_SHOWN:
-            lines.append(f"    and {len(failed) - _FAILURES_SHOWN} more: see the outcomes")
-    return lines
-
-
-# -- the commands --------------------------------------------------------------------
+# -- the run --------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -862,129 +542,329 @@ def _stop_workers() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _interrupted(tally: _Tally, exc: KeyboardInterrupt, args: argparse.Namespace) -> int:
-    """Say what an interruption left behind, and how to resume; the exit status."""
-    counts = tally.counts()
-    what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-    _say(
-        f"procorch: {what}: {counts.finished} of {counts.total} steps had finished and "
-        f"{counts.running} running were stopped; no outcomes were written"
-    )
-    if args.workflow_id is not None:
-        _say(
-            f"procorch: the finished steps are journaled in {args.journal!r}; run the same "
-            "command again to resume where it stopped"
-        )
-    return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
+async def _identify(address: str) -> None:
+    from distributed.core import rpc
+
+    scheduler = rpc(address, timeout=_DASK_PROBE_SECONDS)  # type: ignore[no-untyped-call]
+    try:
+        # Connecting gives up after the probe's time; a server that is no Dask scheduler
+        # never answers, and is given as long again.
+        await asyncio.wait_for(scheduler.identity(), 2 * _DASK_PROBE_SECONDS)
+    finally:
+        await scheduler.close_rpc()  # type: ignore[no-untyped-call]
 
 
-def _execute(
-    executor: Any,
-    specs: _Specs,
-    on_event: Callable[[Event], None],
-    args: argparse.Namespace,
-) -> list[StepOutcome]:
-    """execute_steps_parallel with the options' guards; its input errors become _BadInput."""
+def _dask_client(address: str) -> Any:
+    """A client of the scheduler at ``address``, or _BadInput within seconds if it does not answer.
+
+    A probe asks the scheduler who it is before a Client is made: a Client
+    that fails to connect waits out its timeout once more when it is
+    collected, and says so on standard error.
+    """
+    try:
+        import distributed
+    except ImportError:
+        raise _BadInput("--dask needs the dask extra: pip install 'procorch[dask]'") from None
+    try:
+        asyncio.run(_identify(address))
+    except (TimeoutError, OSError, ValueError, TypeError) as exc:
+        reason = str(exc) or f"no answer in {2 * _DASK_PROBE_SECONDS:g} s (is it a Dask scheduler?)"
+        raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {reason}") from None
+    try:
+        return distributed.Client(
+            address, timeout=f"{_DASK_PROBE_SECONDS * 2:g}s", set_as_default=False
+        )  # type: ignore[no-untyped-call]
+    except (OSError, TimeoutError) as exc:
+        raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
+
+
+def _guards(args: argparse.Namespace, cancel: CancelToken | None, client: Any) -> Guards:
     guards = Guards(
         step_timeout=args.step_timeout,
         call_timeout=args.call_timeout,
         memory_limit=args.memory_limit,
         retry=_retry_policy(args),
         capture_output=args.capture_output,
+        cancel=cancel,
     )
-    if args.dask is not None:
-        try:
-            guards["backend"] = DaskBackend(args.dask)
-        except ImportError as exc:
-            raise _BadInput(str(exc)) from None
+    if client is not None:
+        guards["backend"] = DaskBackend(client)
+    return guards
+
+
+def _prepare(executor: Any, on_event: Callable[[Event], None], guards: Guards, path: str) -> Any:
+    """The engine's checks of the executor and the guards, as _BadInput."""
     try:
-        if args.workflow_id is not None:
-            return execute_steps_parallel_resumable(
-                executor, specs.specs, args.workflow_id, args.journal, on_event, **guards
-            )
-        return execute_steps_parallel(executor, specs.specs, on_event, **guards)
-    except (WorkflowLockedError, ConnectionError) as exc:
-        raise _BadInput(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise _BadInput(f"journal {args.journal!r}: {exc}") from None
-    except InvalidSpecError as exc:
-        raise _BadInput(
-            f"{_source_name(args.specs)}:{specs.lines[exc.index]}: {exc.reason}"
-        ) from None
+        return prepare_call(executor, on_event, guards)
     except ExecutorError as exc:
-        raise _BadInput(f"executor {args.executor!r}: {exc}") from None
+        raise _BadInput(f"executor {path!r}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(str(exc)) from None
 
 
-def _watched(
-    executor: Any,
-    specs: _Specs,
-    args: argparse.Namespace,
-    tally: _Tally,
-    log: _EventLog | None,
-    concurrency: int,
-) -> list[StepOutcome]:
-    """Run the steps with every event tallied (and logged) and, unless quiet, displayed."""
-    display = None
-    if not args.quiet:
-        count = len(specs.specs)
-        header = f"procorch: running {_count(count, 'step')}, {min(concurrency, count)} at a time"
-        display = _Display(tally, sys.stderr, args.progress_interval, header)
+def _open_journal(args: argparse.Namespace) -> WorkflowJournal:
+    try:
+        return SqliteStore(args.journal).open_workflow(args.workflow_id)
+    except (WorkflowLockedError, JournalError) as exc:
+        raise _BadInput(str(exc)) from None
+
+
+class _Checked(NamedTuple):
+    """What reading the whole input found: specs to run, journaled ones, bad lines skipped."""
+
+    to_run: int
+    reused: int
+    skipped: int
+
+
+def _check_input(
+    source: SpecSource,
+    skip_bad_lines: bool,
+    done: dict[str, tuple[str, StepOutcome]],
+    say: Callable[[str], None],
+) -> _Checked:
+    """Read every line before any step starts: a bad one is _BadInput (or skipped, and said)."""
+    to_run = reused = skipped = 0
+    try:
+        for item in decoded(source.lines()):
+            if isinstance(item, BadLine):
+                where = f"{source.name}:{item.number}: {item.problem}"
+                if not skip_bad_lines:
+                    raise _BadInput(where)
+                say(f"procorch: skipping {where}")
+                skipped += 1
+                continue
+            stored = done.get(item.spec.task_id)
+            if stored is not None and stored[0] == spec_digest(item.spec):
+                reused += 1
+            else:
+                to_run += 1
+    except UnusableInput as exc:
+        raise _BadInput(str(exc)) from None
+    return _Checked(to_run, reused, skipped)
+
+
+def _open_log(
+    path: str, what: str, stdout: IO[bytes] | None, stack: contextlib.ExitStack
+) -> IO[bytes]:
+    """A log file, truncated now (the run is about to start); ``-``: the claimed standard output.
+
+    A file is closed with the stack; standard output by ``main``, which ignores a closed pipe.
+    """
+    if path == "-":
+        assert stdout is not None
+        return stdout
+    try:
+        return stack.enter_context(open(path, "wb"))
+    except OSError as exc:
+        raise _BadInput(f"cannot write {what} to {path!r}: {exc.strerror or exc}") from None
+
+
+def _header(
+    args: argparse.Namespace, checked: _Checked | None, concurrency: int, source: str
+) -> str:
+    if checked is None:
+        return f"procorch: running the steps of {source} as they arrive, {concurrency} at a time"
+    header = (
+        f"procorch: running {count(checked.to_run, 'step')}, "
+        f"{max(1, min(concurrency, checked.to_run))} at a time"
+    )
+    if checked.reused:
+        header += f" ({checked.reused} already done, from the journal)"
+    return header
+
+
+def _dry_run(args: argparse.Namespace, checked: _Checked, concurrency: int, source: str) -> str:
+    text = (
+        f"procorch: dry run: {count(checked.to_run + checked.reused, 'spec')} of {source} "
+        f"are valid and {args.executor} loads; they would run {concurrency} at a time"
+    )
+    if checked.reused:
+        text += f" ({checked.reused} already done, from the journal)"
+    return text + "; nothing was run"
+
+
+def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -> int:
+    """``procorch run``: check, then run while reading and writing; the exit status."""
+    say = console.say
+    listeners: list[Callable[[Event], None]] = []
 
     def on_event(event: Event) -> None:
-        tally.record(event)
-        if log is not None:
-            log.write(event)
-        if display is not None and not display.started:
-            display.start()
+        for listener in listeners:
+            listener(event)
 
+    with contextlib.ExitStack() as stack:
+        try:
+            source = SpecSource.open(args.specs)
+        except UnusableInput as exc:
+            raise _BadInput(str(exc)) from None
+        stack.callback(source.close)
+        executor = _load_executor(args.executor)
+        concurrency = args.concurrency or _concurrency(executor, args.executor)
+        if args.concurrency is not None:
+            executor = _ConcurrencyOverride(executor, args.concurrency)
+        cancel = CancelToken() if args.halt_on_failure is not None else None
+        client = None
+        if args.dask is not None:
+            client = _dask_client(args.dask)
+            stack.callback(client.close)
+        call = _prepare(executor, on_event, _guards(args, cancel, client), args.executor)
+        journal: WorkflowJournal | None = None
+        done: dict[str, tuple[str, StepOutcome]] = {}
+        if args.workflow_id is not None:
+            journal = _open_journal(args)
+            stack.callback(journal.close)
+            done = journal.completed()
+        checked = None
+        if source.rereadable or args.dry_run:
+            checked = _check_input(source, args.skip_bad_lines, done, say)
+        if args.dry_run:
+            assert checked is not None
+            say(_dry_run(args, checked, concurrency, source.name))
+            return EXIT_OK
+        try:
+            output = OutcomeFile.open(args.output, stdout)
+        except UnwritableOutput as exc:
+            raise _BadInput(str(exc)) from None
+        committed = False
+
+        def keep_outcomes() -> None:
+            if not committed:
+                output.discard()
+
+        stack.callback(keep_outcomes)
+        log = joblog = None
+        if args.events is not None:
+            log = EventLog(_open_log(args.events, "events", stdout, stack), args.events)
+            listeners.append(log.write)
+        if args.joblog is not None:
+            joblog = JobLog(_open_log(args.joblog, "the job log", None, stack), args.joblog)
+            listeners.append(joblog.event)
+        tally = Tally(None if checked is None else checked.to_run, 0)
+        listeners.insert(0, tally.event)
+        writer = OrderedOutcomes(output, ordered=not args.unordered)
+        # A checked file repeats no task_id, but with --skip-bad-lines the run must skip
+        # the same repeats the check did; a stream is looked at only with a journal.
+        repeats = args.skip_bad_lines if checked is not None else journal is not None
+        reader = SpecReader(source, duplicates=repeats)
+        run = Run(
+            call,
+            reader,
+            writer,
+            tally,
+            slots=concurrency if checked is None else max(1, min(concurrency, checked.to_run)),
+            window=_WINDOW_PER_SLOT * concurrency,
+            journal=journal,
+            done=done,
+            joblog=joblog,
+            halt_after=args.halt_on_failure,
+            cancel=cancel,
+            bad_lines=(
+                "skip" if checked is not None else "warn" if args.skip_bad_lines else "stop"
+            ),
+            say=say,
+            source_name=source.name,
+        )
+        display = None if args.quiet else Display(tally, console, args.progress_interval)
+        if not args.quiet:
+            say(_header(args, checked, concurrency, source.name))
+        try:
+            with _sigterm_unwinds():
+                reader.start()
+                if display is not None:
+                    display.start()
+                run.run()
+                if run.halted and checked is not None:
+                    run.cancel_the_rest()
+        except KeyboardInterrupt as exc:
+            if display is not None:
+                display.stop()
+            _stop_workers()
+            committed = _keep_what_finished(writer, output, say)
+            return _interrupted(console, tally, writer, output, exc, args)
+        except UnwritableOutput as exc:
+            say(f"procorch: {exc}")
+            return EXIT_FAILED
+        except JournalError as exc:  # the journal failed under the run (a full disk, say)
+            committed = _keep_what_finished(writer, output, say)
+            say(f"procorch: {exc}; the run stopped, {count(writer.written, 'outcome')} written")
+            return EXIT_FAILED
+        finally:
+            if display is not None:
+                display.stop()
+            _stop_workers()
+        try:
+            output.commit()
+        except OSError as exc:
+            say(f"procorch: cannot write outcomes to {args.output!r}: {exc.strerror or exc}")
+            return EXIT_FAILED
+        committed = True
+        tally.reused = writer.written - tally.counts().finished
+        finished = run.all_succeeded and run.stopped_by is None and not run.halted
+        if journal is not None and finished:
+            try:
+                journal.finish()
+            except JournalError as exc:
+                say(f"procorch: warning: {exc}")
+        for problem in (log.problem if log else None, joblog.problem if joblog else None):
+            if problem is not None:
+                say(f"procorch: warning: {problem}")
+        notes = []
+        if run.halted:
+            notes.append(
+                f"halted after {count(run.failures, 'failed step')} "
+                f"(--halt-on-failure {args.halt_on_failure}): "
+                f"{count(tally.kinds['cancelled'], 'step')} cancelled"
+            )
+            if checked is None:
+                notes.append(f"{source.name} was not read past line {run.last_line}")
+        if not args.quiet:
+            for line in summary(tally, run.skipped + (checked.skipped if checked else 0), notes):
+                say(line)
+        if run.stopped_by is not None:
+            say(
+                f"procorch: {run.stopped_by} (the run stopped there; outcomes written: "
+                f"{writer.written})"
+            )
+            return EXIT_USAGE
+        return EXIT_OK if run.all_succeeded else EXIT_FAILED
+
+
+def _keep_what_finished(
+    writer: OrderedOutcomes, output: OutcomeFile, say: Callable[[str], None]
+) -> bool:
+    """Write the final outcomes still waiting for an earlier one, and put the file in place."""
     try:
-        with _sigterm_unwinds():
-            return _execute(executor, specs, on_event, args)
-    finally:
-        if display is not None:
-            display.stop()
-
-
-def _write_outcomes(output: IO[bytes], outcomes: list[StepOutcome], path: str) -> bool:
-    """Write the outcomes as JSON Lines; False (with a message) if that failed."""
-    try:
-        output.write(_encode_json_lines(outcomes))
-        output.flush()
-    except OSError as exc:
-        _say(f"procorch: cannot write outcomes to {path!r}: {exc.strerror or exc}")
+        writer.write_waiting()
+        output.commit()
+    except (UnwritableOutput, OSError) as exc:
+        say(f"procorch: {exc}")
         return False
     return True
 
 
-def _run(args: argparse.Namespace) -> int:
-    """``procorch run``: read, check, run, write, summarise; the exit status."""
-    stdout = _claim_stdout() if "-" in (args.output, args.events) else None
-    specs = _read_specs(args.specs, args.skip_bad_lines)
-    executor = _load_executor(args.executor)
-    concurrency = args.concurrency or _concurrency(executor, args.executor)
-    if args.concurrency is not None:
-        executor = _ConcurrencyOverride(executor, args.concurrency)
-    with contextlib.ExitStack() as files:
-        output = files.enter_context(_open_sink(args.output, "outcomes", stdout))
-        log = None
-        if args.events is not None:
-            sink = files.enter_context(_open_sink(args.events, "events", stdout))
-            log = _EventLog(sink, args.events)
-        tally = _Tally(len(specs.specs))
-        try:
-            outcomes = _watched(executor, specs, args, tally, log, concurrency)
-        except KeyboardInterrupt as exc:
-            return _interrupted(tally, exc, args)
-        finally:
-            _stop_workers()
-        if log is not None and log.problem is not None:
-            _say(f"procorch: warning: {log.problem}")
-        if not _write_outcomes(output, outcomes, args.output):
-            return EXIT_FAILED
-    if not args.quiet:
-        for line in _summary(outcomes, tally, specs.skipped):
-            _say(line)
-    return EXIT_OK if all(outcome.success for outcome in outcomes) else EXIT_FAILED
+def _interrupted(
+    console: Console,
+    tally: Tally,
+    writer: OrderedOutcomes,
+    output: OutcomeFile,
+    exc: KeyboardInterrupt,
+    args: argparse.Namespace,
+) -> int:
+    """Say what an interruption left behind, and how to resume; the exit status."""
+    counts = tally.counts()
+    what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+    of = "" if counts.total is None else f" of {counts.total}"
+    console.say(
+        f"procorch: {what}: {counts.finished}{of} steps had finished and {counts.running} "
+        f"running were stopped; {count(writer.written, 'outcome')} written to {output.where}"
+    )
+    if args.workflow_id is not None:
+        console.say(
+            f"procorch: the finished steps are journaled in {args.journal!r}; run the same "
+            "command again to resume where it stopped"
+        )
+    return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
 def _demo() -> int:
@@ -995,21 +875,40 @@ def _demo() -> int:
     return EXIT_OK
 
 
+def _search_current_directory_first() -> None:
+    """Put the current directory first on sys.path, as ``python -m`` does (workers inherit it)."""
+    cwd = os.getcwd()
+    if sys.path and sys.path[0] == cwd:
+        return
+    sys.path[:] = [cwd, *(entry for entry in sys.path if entry not in ("", cwd))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``procorch`` command with ``argv`` (default: sys.argv[1:]); the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo()
+    _check_combinations(args)
+    _search_current_directory_first()
+    console = Console(os.dup(2))
     try:
-        if args.command == "demo":
-            return _demo()
-        _check_combinations(args)
-        cwd = os.getcwd()
-        if cwd not in sys.path:  # executors next to the specs import, in the workers too;
-            sys.path.append(cwd)  # last, so that nothing installed is shadowed by it
-        return _run(args)
+        stdout = os.fdopen(os.dup(1), "wb") if "-" in (args.output, args.events) else None
+    except OSError as exc:
+        console.say(f"procorch: standard output is not usable: {exc.strerror or exc}")
+        return EXIT_USAGE
+    relay = OutputRelay(console)
+    try:
+        return _run(args, console, stdout)
     except _BadInput as exc:
-        _say(f"procorch: {exc}")
+        console.say(f"procorch: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _say("procorch: interrupted")
+        console.say("procorch: interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        relay.close()
+        if stdout is not None:
+            with contextlib.suppress(OSError):
+                stdout.close()
+        console.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ExecutorError",
     "InvalidSpecError",
+    "JournalError",
     "JournalSchemaError",
     "StepTimeout",
     "WorkflowLockedError",
@@ -39,32 +40,53 @@ class ExecutorError(TypeError):
 
 
 class WorkflowLockedError(RuntimeError):
-    """Another live process is running this workflow; two must never run its steps."""
+    """Another live process is running this workflow; two must never run its steps.
 
-    def __init__(self, workflow_id: str, pid: int, host: str) -> None:
+    ``pid`` and ``host`` name the holder, as its lease row says (None in the
+    instant between its taking the lock and writing the row).
+    """
+
+    def __init__(self, workflow_id: str, pid: int | None, host: str | None) -> None:
+        holder = "by another process" if pid is None else f"by pid {pid} on {host}"
         super().__init__(
-            f"workflow {workflow_id!r} is already being run (by pid {pid} on {host}); "
+            f"workflow {workflow_id!r} is already being run ({holder}); "
             "wait for that run to finish or stop it before resuming"
         )
         self.workflow_id = workflow_id
         self.pid = pid
         self.host = host
 
-    def __reduce__(self) -> tuple[type[WorkflowLockedError], tuple[str, int, str]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[WorkflowLockedError], tuple[str, int | None, str | None]]:
         return type(self), (self.workflow_id, self.pid, self.host)
 
 
-class JournalSchemaError(RuntimeError):
+class JournalError(RuntimeError):
+    """The journal file cannot be used; ``reason`` says what is wrong with it.
+
+    ``str()`` names the file first: ``journal 'runs.db' is not a procorch journal: ...``.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"journal {path!r} {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[JournalError], tuple[str, str]]:
+        return type(self), (self.path, self.reason)
+
+
+class JournalSchemaError(JournalError):
     """The journal was written by a newer procorch, whose layout this one cannot read."""
 
     def __init__(self, path: str, found: int, supported: int) -> None:
         super().__init__(
-            f"journal {path} has schema version {found}, newer than the {supported} this "
-            "procorch reads"
+            path,
+            f"has schema version {found}, newer than the {supported} this procorch reads",
         )
-        self.path = path
         self.found = found
         self.supported = supported
 
-    def __reduce__(self) -> tuple[type[JournalSchemaError], tuple[str, int, int]]:
+    def __reduce__(self) -> tuple[type[JournalSchemaError], tuple[str, int, int]]:  # type: ignore[override]
         return type(self), (self.path, self.found, self.supported)

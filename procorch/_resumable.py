@@ -29,13 +29,17 @@ def execute_steps_parallel_resumable(
     call again after an interruption of any kind and the recorded steps are
     not run again: their stored outcomes come back in their place, and only
     the rest run. A recorded outcome is reused only for an identical spec.
-    When every step has succeeded, the workflow's journal is removed.
+    When every step has succeeded, the workflow's progress is forgotten, and
+    a SQLite file left holding no workflow's progress is removed.
 
     ``store`` is a :class:`JournalStore` or the path of a SQLite file. Two
     processes cannot run one workflow at once: the second gets
-    :class:`WorkflowLockedError`. A journal written by a newer procorch is
+    :class:`WorkflowLockedError` at once, while a run that died (on any host
+    or container) holds nothing. A journal written by a newer procorch is
     left untouched and every step fails with kind ``journal``, rather than
-    running completed work again.
+    running completed work again; a file that cannot serve as a journal (not
+    a procorch journal, unreadable, in a missing directory) raises
+    :class:`JournalError` naming it, before any step starts.
     """
     if not isinstance(workflow_id, str) or not workflow_id:
         raise ValueError(f"workflow_id must be a non-empty string (got {workflow_id!r})")

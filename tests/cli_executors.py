@@ -8,6 +8,7 @@ worker processes inherit.
 from __future__ import annotations
 
 import os
+import time
 
 from helpers import FaultyExecutor, GuardExecutor
 
@@ -62,3 +63,12 @@ class Printer(FaultyExecutor):
 def make_guard_executor() -> GuardExecutor:
     """A GuardExecutor noting its pids in the directory named by PROCORCH_TEST_STATE_DIR."""
     return GuardExecutor(os.environ["PROCORCH_TEST_STATE_DIR"], hint=3)
+
+
+class Sleeper(FaultyExecutor):
+    """A FaultyExecutor whose 'ok' steps take 0.2 s, so a run lasts long enough to interrupt."""
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        if spec.agent == "ok":
+            time.sleep(0.2)
+        return super().execute_step(spec, events)

@@ -9,12 +9,16 @@ import re
 import select
 import shutil
 import signal
+import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
 import msgspec
 import psutil
@@ -24,6 +28,7 @@ from helpers import gone
 import procorch
 from procorch import AgentStepSpec, Event, StepFinished, StepOutcome, StepStarted
 from procorch._cli import _parse_size
+from procorch._cli_input import line_problem
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
@@ -214,18 +219,24 @@ def _script() -> str | None:
     return shutil.which("procorch", path=str(Path(sys.executable).parent))
 
 
+@pytest.mark.parametrize("module", ["local_steps", "pytest"])
 @pytest.mark.parametrize("how", ["python -m procorch", "procorch script"])
-def test_run_imports_executors_from_the_current_directory(tmp_path: Path, how: str) -> None:
-    """An executor module next to the specs imports, in the command and in its workers."""
+def test_run_imports_executors_from_the_current_directory(
+    tmp_path: Path, how: str, module: str
+) -> None:
+    """A module next to the specs imports first, in the command and its workers, both ways.
+
+    ``pytest.py`` there stands in for the installed pytest, as ``python -m`` would have it.
+    """
     script = _script()
     if how == "procorch script" and script is None:
         pytest.skip("the procorch script is not installed next to this interpreter")
-    (tmp_path / "local_steps.py").write_text(_LOCAL_EXECUTOR)
+    (tmp_path / f"{module}.py").write_text(_LOCAL_EXECUTOR)
     _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
     command = [script] if how == "procorch script" and script else _command()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
-        [*command, "run", "local_steps:Local", "specs.jsonl"],
+        [*command, "run", f"{module}:Local", "specs.jsonl"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -237,6 +248,14 @@ def test_run_imports_executors_from_the_current_directory(tmp_path: Path, how: s
 
 
 # -- bad input -------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A TCP port nobody listens on (now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
 
 GOOD = _spec_lines([("a", "ok"), ("b", "ok")])
 BAD_INPUT = {
@@ -321,6 +340,61 @@ BAD_INPUT = {
         ["helpers:FaultyExecutor", "specs.jsonl", "--retry-on", "crash"],
         "procorch run: error: --retry-on and --retry-backoff need --attempts 2 or more",
     ),
+    "invalid utf-8": (
+        GOOD + '{"task_id": "c\udcff", "agent": "ok", "description": "d", "prompt": "p"}\n',
+        ["helpers:FaultyExecutor", "specs.jsonl"],
+        "procorch: specs.jsonl:3: invalid UTF-8 at byte 15 of the line (0xff)",
+    ),
+    "truncated object": (
+        GOOD + '{"task_id": "c", "agent": "ok", "description": "d", "prompt": "p"\n',
+        ["helpers:FaultyExecutor", "specs.jsonl"],
+        "procorch: specs.jsonl:3: JSON is truncated: missing closing brace at the end of the line",
+    ),
+    "spec over several lines": (
+        '{\n  "task_id": "a"\n}\n',
+        ["helpers:FaultyExecutor", "specs.jsonl"],
+        "procorch: specs.jsonl:1: JSON is truncated: missing closing brace at the end of the line "
+        "(a spec must be on one line)",
+    ),
+    "dask with memory limit": (
+        GOOD,
+        [
+            "helpers:FaultyExecutor",
+            "specs.jsonl",
+            "--dask",
+            "tcp://127.0.0.1:1",
+            "--memory-limit",
+            "1G",
+        ],
+        "procorch run: error: --memory-limit is not available with --dask",
+    ),
+    "dask with capture": (
+        GOOD,
+        [
+            "helpers:FaultyExecutor",
+            "specs.jsonl",
+            "--dask",
+            "tcp://127.0.0.1:1",
+            "--capture-output",
+        ],
+        "procorch run: error: --capture-output is not available with --dask: the Dask workers' "
+        "own logs keep what steps print",
+    ),
+    "dask not an address": (
+        GOOD,
+        ["helpers:FaultyExecutor", "specs.jsonl", "--dask", "not-an-address"],
+        "procorch: cannot reach the Dask scheduler at 'not-an-address': missing port number",
+    ),
+    "dask nobody listening": (
+        GOOD,
+        ["helpers:FaultyExecutor", "specs.jsonl", "--dask", f"tcp://127.0.0.1:{_free_port()}"],
+        "procorch: cannot reach the Dask scheduler at 'tcp://127.0.0.1:",
+    ),
+    "joblog and output the same": (
+        GOOD,
+        ["helpers:FaultyExecutor", "specs.jsonl", "-o", "x.tsv", "--joblog", "x.tsv"],
+        "procorch run: error: --output and --joblog name the same file ('x.tsv')",
+    ),
 }
 
 
@@ -328,12 +402,14 @@ BAD_INPUT = {
 def test_run_bad_input_exits_2_before_any_step(tmp_path: Path, case: str) -> None:
     """Bad input: exit status 2, one message naming the fault, no traceback, no step run."""
     specs_text, args, message = BAD_INPUT[case]
-    if specs_text is not None:
-        (tmp_path / "specs.jsonl").write_text(specs_text)
+    if specs_text is not None:  # a lone surrogate stands for an invalid byte
+        (tmp_path / "specs.jsonl").write_bytes(specs_text.encode("utf-8", "surrogateescape"))
+    begin = time.monotonic()
     result = _procorch(tmp_path, "run", *args, "--events", "events.jsonl")
+    assert time.monotonic() - begin < 30  # a scheduler that does not answer: seconds, not more
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # one line, no traceback or noise
     assert result.stdout == ""
     events = tmp_path / "events.jsonl"
     assert not events.exists() or events.read_text() == ""
@@ -487,7 +563,7 @@ def _journaled(journal: Path) -> int:
 
 
 def test_run_resumes_after_sigkill_of_the_command(tmp_path: Path) -> None:
-    """Killed with SIGKILL mid-run, the same command again runs only the steps left."""
+    """Killed with SIGKILL mid-run (on 'another host'), the same command runs only what is left."""
     _write_specs(tmp_path / "specs.jsonl", [(f"t{i}", "ok") for i in range(6)])
     log = tmp_path / "runs.log"
     (tmp_path / "journaled_executor.py").write_text(
@@ -510,6 +586,9 @@ def test_run_resumes_after_sigkill_of_the_command(tmp_path: Path) -> None:
     process.wait(timeout=60)
     with sqlite3.connect(tmp_path / "journal.db") as connection:
         done = {row[0] for row in connection.execute("SELECT task_id FROM procorch_steps")}
+        # As a run in a container that is gone leaves it: its lease names another host.
+        connection.execute("UPDATE procorch_leases SET host = 'crashed-host', pid = 4242")
+    connection.close()
     result = _procorch(tmp_path, *args)
     assert result.returncode == 0, result.stderr
     outcomes = _outcomes((tmp_path / "outcomes.jsonl").read_text())
@@ -517,7 +596,7 @@ def test_run_resumes_after_sigkill_of_the_command(tmp_path: Path) -> None:
     assert all(o.success for o in outcomes)
     starts = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("start")]
     assert all(starts.count(task_id) == 1 for task_id in done)
-    assert _journaled(tmp_path / "journal.db") == 0  # removed after full success
+    assert not (tmp_path / "journal.db").exists()  # removed after full success
 
 
 def test_run_workflow_id_needs_a_journal(tmp_path: Path) -> None:
@@ -548,6 +627,11 @@ RUN_OPTIONS = [
     "--journal",
     "--quiet",
     "--progress-interval",
+    "--unordered",
+    "--joblog",
+    "--dry-run",
+    "--halt-on-failure",
+    "--dask",
 ]
 
 
@@ -632,3 +716,409 @@ def test_parse_size_rejects_what_is_not_a_size(text: str) -> None:
     """A size that is not a positive whole number of bytes or more, with a known unit, fails."""
     with pytest.raises(argparse.ArgumentTypeError, match="must be a size like 512M, 2G"):
         _parse_size(text)
+
+
+# -- outcomes as they become final -----------------------------------------------------
+
+
+def _count_in(path: Path, text: str) -> int:
+    return path.read_text().count(text) if path.exists() else 0
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_run_stopped_keeps_every_finished_outcome_in_input_order(
+    tmp_path: Path, signum: int, status: int, word: str
+) -> None:
+    """SIGINT (or SIGTERM) after some steps finished: their outcomes are in -o, whole, in order."""
+    task_ids = [f"t{n:02d}" for n in range(40)]
+    _write_specs(tmp_path / "specs.jsonl", [(task_id, "ok") for task_id in task_ids])
+    (tmp_path / "outcomes.jsonl").write_text("an earlier run's outcomes\n")
+    process = subprocess.Popen(
+        _command(
+            *("run", "cli_executors:Sleeper", "specs.jsonl", "-o", "outcomes.jsonl"),
+            *("--events", "events.jsonl"),
+        ),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _count_in(tmp_path / "events.jsonl", '"event":"finished"') < 6:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.02)
+        finished = _count_in(tmp_path / "events.jsonl", '"event":"finished"')
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == status, stderr
+    assert stderr.count(word) == 1
+    outcomes = _outcomes((tmp_path / "outcomes.jsonl").read_text())
+    assert len(outcomes) >= finished
+    positions = [task_ids.index(outcome.task_id) for outcome in outcomes]
+    assert positions == sorted(positions)  # in input order, gaps where steps were stopped
+    assert all(outcome.success for outcome in outcomes)
+    assert f"{len(outcomes)} outcomes written to 'outcomes.jsonl'" in stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in tmp_path.glob("*.part")] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["helpers:FaultyExecutor", "bad.jsonl"],
+        ["nowhere:Executor", "specs.jsonl"],
+        ["helpers:FaultyExecutor", "specs.jsonl", "--workflow-id", "w", "--journal", "specs.jsonl"],
+    ],
+    ids=["bad specs", "bad executor", "bad journal"],
+)
+def test_run_that_fails_to_start_leaves_an_earlier_outcomes_file_untouched(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """A run that never starts (exit 2) does not truncate or replace an earlier -o FILE."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok")])
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    earlier = "an earlier run's outcomes\n"
+    (tmp_path / "outcomes.jsonl").write_text(earlier)
+    result = _procorch(tmp_path, "run", *args, "-o", "outcomes.jsonl")
+    assert result.returncode == 2, result.stderr
+    assert (tmp_path / "outcomes.jsonl").read_text() == earlier
+    assert [p.name for p in tmp_path.glob("*.part")] == []
+
+
+def _read_line(stream: IO[str], process: subprocess.Popen[str], within: float = 60) -> str:
+    """One line from ``stream`` (a pipe), failing if none comes in time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], 0.1)
+        if ready:
+            return stream.readline()
+        assert process.poll() is None, "the command ended early"
+    raise AssertionError("no line in time")
+
+
+def test_run_processes_standard_input_while_it_is_written(tmp_path: Path) -> None:
+    """Specs piped in one by one: each outcome comes out before the next spec is written."""
+    process = subprocess.Popen(
+        _command("run", "helpers:FaultyExecutor", "-", "-q"),
+        cwd=tmp_path,
+        env=_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        for task_id in ["first", "second", "third"]:
+            process.stdin.write(_spec_lines([(task_id, "ok")]))
+            process.stdin.flush()
+            line = _read_line(process.stdout, process)
+            assert msgspec.json.decode(line, type=StepOutcome).task_id == task_id
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_run_stream_stops_at_a_bad_line_keeping_what_ran(tmp_path: Path) -> None:
+    """On a pipe, a bad line stops the run there: exit 2, the outcomes before it written."""
+    stdin = GOOD + "[1, 2]\n" + _spec_lines([("c", "ok")])
+    result = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "-", stdin=stdin)
+    assert result.returncode == 2, result.stderr
+    assert [o.task_id for o in _outcomes(result.stdout)] == ["a", "b"]
+    assert result.stderr.endswith(
+        "procorch: <stdin>:3: Expected `object`, got `array` (the run stopped there; outcomes "
+        "written: 2)\n"
+    )
+
+
+def test_run_unordered_writes_each_outcome_when_it_ends(tmp_path: Path) -> None:
+    """--unordered: a slow first step does not hold back the outcomes of the others."""
+    _write_specs(tmp_path / "specs.jsonl", [("slow", "hang"), ("b", "ok"), ("c", "ok")])
+    result = _procorch(
+        tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", "--unordered",
+        "--step-timeout", "1",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert [o.task_id for o in _outcomes(result.stdout)] == ["b", "c", "slow"]
+
+
+def test_run_halt_on_failure_cancels_the_rest(tmp_path: Path) -> None:
+    """--halt-on-failure 2: after the second failed step, every step left is cancelled."""
+    steps = [("a", "ok"), ("b", "raise"), ("c", "raise")] + [(f"t{n}", "ok") for n in range(8)]
+    _write_specs(tmp_path / "specs.jsonl", steps)
+    result = _procorch(
+        tmp_path, "run", "cli_executors:Sleeper", "specs.jsonl", "-j", "1",
+        "--halt-on-failure", "2",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    outcomes = _outcomes(result.stdout)
+    assert [o.task_id for o in outcomes] == [task_id for task_id, _ in steps]
+    kinds = ["ok" if o.success else o.error.kind for o in outcomes if o.error or o.success]
+    assert kinds[:3] == ["ok", "exception", "exception"]
+    assert kinds[3:] == ["cancelled"] * 8
+    assert "halted after 2 failed steps (--halt-on-failure 2): 8 steps cancelled" in result.stderr
+
+
+def test_run_dry_run_checks_everything_and_runs_nothing(tmp_path: Path) -> None:
+    """--dry-run: the specs and the executor are checked, no step runs, no file is written."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
+    args = ["-o", "out.jsonl", "--events", "ev.jsonl", "--joblog", "jobs.tsv", "--dry-run"]
+    result = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "procorch: dry run: 2 specs of specs.jsonl are valid and helpers:FaultyExecutor loads; "
+        "they would run 2 at a time; nothing was run\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["specs.jsonl"]
+    (tmp_path / "specs.jsonl").write_text(GOOD + "{oops\n")
+    result = _procorch(
+        tmp_path, "run", "helpers:FaultyExecutor", "-", "--dry-run", stdin=GOOD + "x\n"
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("procorch: <stdin>:3: JSON is malformed")
+
+
+def test_run_joblog_has_one_line_per_step(tmp_path: Path) -> None:
+    """--joblog: a header, then per step its start, duration, attempts, result and worker pid."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "raise"), ("c\tx", "segfault")])
+    result = _procorch(
+        tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", "--joblog", "jobs.tsv",
+        "--events", "ev.jsonl",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    header, *lines = (tmp_path / "jobs.tsv").read_text().splitlines()
+    assert header.split("\t") == [
+        "index", "task_id", "agent", "start", "duration", "attempts", "result", "pid",
+    ]  # fmt: skip
+    rows = {row[1]: row for row in (line.split("\t") for line in lines)}
+    assert sorted(rows) == ["a", "b", "c\\tx"]
+    pids = {e.task_id: e.pid for e in _events(tmp_path / "ev.jsonl") if isinstance(e, StepStarted)}
+    for task_id, result_kind in [("a", "ok"), ("b", "exception"), ("c\\tx", "crash")]:
+        _, _, _, start, duration, attempts, kind, pid = rows[task_id]
+        assert kind == result_kind
+        assert abs(float(start) - time.time()) < 120 and float(duration) >= 0
+        assert attempts == "1"
+        assert int(pid) == pids[task_id.replace("\\t", "\t")]
+
+
+def test_run_resumed_says_how_many_steps_were_done(tmp_path: Path) -> None:
+    """A resumed run counts the journaled steps apart and its progress over the steps that run."""
+    journal = ["--workflow-id", "w", "--journal", "journal.db", "--progress-interval", "0.05"]
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "raise"), ("c", "ok")])
+    first = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", *journal)
+    assert first.returncode == 1, first.stderr
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok"), ("c", "ok")])
+    second = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", *journal)
+    assert second.returncode == 0, second.stderr
+    lines = second.stderr.splitlines()
+    assert lines[0] == "procorch: running 1 step, 1 at a time (2 already done, from the journal)"
+    progress = [line for line in lines if line.startswith("procorch: [")]
+    assert all(" 0/1 done" in line or " 1/1 done" in line for line in progress)
+    assert "procorch: 1 step in" in second.stderr
+    assert "  2 steps already done, from the journal" in second.stderr
+    assert [o.task_id for o in _outcomes(second.stdout)] == ["a", "b", "c"]
+    assert not (tmp_path / "journal.db").exists()
+
+
+def test_run_step_output_never_reaches_standard_output(tmp_path: Path) -> None:
+    """With -o FILE, what steps print still goes to standard error, not standard output."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
+    result = _procorch(tmp_path, "run", "cli_executors:Printer", "specs.jsonl", "-o", "out.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "print() from a" in result.stderr and "fd 1 from b" in result.stderr
+
+
+def test_run_step_output_is_printed_above_the_live_line(tmp_path: Path) -> None:
+    """On a terminal, each line a step prints is written on a cleared line, never after the bar."""
+    _write_specs(tmp_path / "specs.jsonl", [(f"t{n}", "ok") for n in range(6)])
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        _command("run", "cli_executors:Printer", "specs.jsonl", "-o", "out.jsonl", "-j", "1"),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    try:
+        shown = _read_until_exit(controller, process).decode()
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    printed = [m.start() for m in re.finditer(r"(print\(\)|fd 1) from t\d", shown)]
+    assert len(printed) == 12
+    for start in printed:
+        before = shown[:start]
+        assert before.endswith(("\n", "\x1b[2K")), repr(before[-80:])
+    assert "\r\x1b[2K[" in shown  # the live line was drawn
+
+
+# -- the journal from the command line -------------------------------------------------------
+
+
+def test_run_refuses_a_workflow_a_live_run_holds_at_once(tmp_path: Path) -> None:
+    """A second run of a workflow that is running: exit 2 at once, naming the holder."""
+    _write_specs(tmp_path / "specs.jsonl", [("h", "hang"), ("b", "ok")])
+    journal = ["--workflow-id", "w", "--journal", "journal.db"]
+    first = subprocess.Popen(
+        _command("run", "helpers:FaultyExecutor", "specs.jsonl", *journal, "--events", "ev.jsonl"),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _count_in(tmp_path / "ev.jsonl", '"event":"started"') < 1:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.02)
+        begin = time.monotonic()
+        second = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", *journal)
+        assert time.monotonic() - begin < 30  # no lock waited out: the time to start Python
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    assert second.returncode == 2
+    assert second.stderr == (
+        f"procorch: workflow 'w' is already being run (by pid {first.pid} on "
+        f"{socket.gethostname()}); wait for that run to finish or stop it before resuming\n"
+    )
+
+
+def _foreign(path: Path) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER)")
+    connection.close()
+
+
+def _newer(path: Path) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE procorch_schema (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO procorch_schema VALUES (99)")
+    connection.close()
+
+
+UNUSABLE_JOURNALS = {
+    "not sqlite": (
+        lambda path: path.write_text("hello\n" * 100),
+        "is not a procorch journal: it is not a SQLite database (left untouched)",
+    ),
+    "another application": (
+        _foreign,
+        "is not a procorch journal: it is a SQLite database of another application "
+        "(tables: invoices; left untouched)",
+    ),
+    "newer schema": (_newer, "has schema version 99, newer than the 1 this procorch reads"),
+    "missing directory": (None, "cannot be created: its directory 'gone' does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE_JOURNALS), ids=list(UNUSABLE_JOURNALS))
+def test_run_unusable_journal_exits_2_naming_the_file(tmp_path: Path, case: str) -> None:
+    """A journal that cannot be used: exit 2, one line naming the file and its fault."""
+    make, reason = UNUSABLE_JOURNALS[case]
+    journal = "gone/journal.db" if make is None else "journal.db"
+    if make is not None:
+        make(tmp_path / journal)
+    before = (tmp_path / journal).read_bytes() if make is not None else None
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok")])
+    result = _procorch(
+        tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", "--workflow-id", "w",
+        "--journal", journal,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == f"procorch: journal {journal!r} {reason}\n"
+    if before is not None:
+        assert (tmp_path / journal).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_run_memory_stays_flat_over_a_long_stream(tmp_path: Path) -> None:
+    """40,000 specs through a pipe: the command's memory after the first 4,000 barely grows."""
+    process = subprocess.Popen(
+        _command("run", "helpers:QuickExecutor", "-", "-q", "-o", "out.jsonl"),
+        cwd=tmp_path,
+        env=_env(),
+        stdin=subprocess.PIPE,
+    )
+    command = psutil.Process(process.pid)
+    line = '{"task_id": "t%d", "agent": "ok", "description": "d", "prompt": "p"}\n'
+    sizes = []
+    try:
+        assert process.stdin is not None
+        for start in range(0, 40_000, 2_000):
+            process.stdin.write("".join(line % n for n in range(start, start + 2_000)).encode())
+            process.stdin.flush()
+            sizes.append(command.memory_info().rss)
+        process.stdin.close()
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40_000
+    growth = max(sizes[2:]) - sizes[2]
+    # 0.7 MiB here; keeping each task_id (the repeat check, which a stream skips) made it 4.9.
+    assert growth < 3 * 2**20, f"grew {growth / 2**20:.1f} MiB"
+
+
+def test_run_writes_to_a_fifo_without_replacing_it(tmp_path: Path) -> None:
+    """-o naming a FIFO (or a device) writes to it directly: it is never renamed over."""
+    fifo = tmp_path / "outcomes.fifo"
+    os.mkfifo(fifo)
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        result = _procorch(
+            tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", "-o", str(fifo)
+        )
+    finally:
+        if reader.is_alive():  # the command never opened it: let the reader go
+            with open(fifo, "wb"):
+                pass
+        reader.join(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [o.task_id for o in _outcomes(received[0].decode())] == ["a", "b"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outcomes.fifo", "specs.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"task_id": "a", "agent": "x"', "missing closing brace at the end of the line"),
+        (b'{"output_schema": {"enum": [1', "missing closing bracket at the end of the line"),
+        (b'{"task_id": "a", "agent": "x\\"}', "the line ends inside a string"),
+        (b'{"task_id": "\xc3\x28"}', "invalid UTF-8 at byte 14 of the line (0xc3)"),
+        (b'\xff{"task_id": "a"}', "invalid UTF-8 at byte 1 of the line (0xff)"),
+        (GOOD.splitlines()[0].encode() + b" x", "JSON is malformed: trailing characters"),
+    ],
+)
+def test_line_problem_names_what_is_wrong(line: bytes, problem: str) -> None:
+    """A bad line's problem says what was left open, or where the bad byte is."""
+    found, said = line_problem(line)
+    assert found is None
+    assert problem in said

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,26 +102,42 @@ def test_readme_containment_example_runs(tmp_path: Path) -> None:
         assert shown.startswith(promise), (shown, promise)
 
 
-def test_readme_command_line_example_runs(tmp_path: Path) -> None:
-    """The shell example runs as shown: exit 1, and the summary it shows, pids aside."""
-    block = re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S)[2]
-    shown = re.findall(r"```text\n(.*?)```", README.read_text(), flags=re.S)[0]
-    script = block.replace(".venv/bin/procorch", f"{sys.executable} -m procorch")
-    result = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 1, result.stderr
+def _command_line_examples() -> list[tuple[str, str]]:
+    """The README's command-line section: each shell block with the text block that follows it."""
+    text = README.read_text()
+    section = text[text.index("## From the command line") : text.index("## Guards for steps")]
+    return re.findall(r"```sh\n(.*?)```\n+(?:.(?!```sh))*?```text\n(.*?)```", section, flags=re.S)
 
-    def stable(text: str) -> list[str]:
-        """The summary without what changes from run to run (pids, timings)."""
-        lines = []
-        for line in text.splitlines():
-            if line.lstrip().startswith(("slowest:", "procorch: 4 steps in")):
-                continue
-            lines.append(re.sub(r"pid \d+", "pid N", line))
-        return lines
 
-    assert stable(result.stderr) == stable(shown)
+def _stable(text: str) -> list[str]:
+    """Output without what changes from run to run: pids, timings."""
+    lines = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("slowest:") or re.match(r"procorch: \d+ steps? in ", line):
+            continue
+        lines.append(re.sub(r"pid \d+", "pid N", line))
+    return lines
+
+
+def test_readme_command_line_examples_run_as_shown(tmp_path: Path) -> None:
+    """Each shell example of the command-line section, in turn, prints what the README shows."""
+    examples = _command_line_examples()
+    assert len(examples) == 4
+    installed = shutil.which("procorch", path=str(Path(sys.executable).parent))
+    command = installed or f"{sys.executable} -m procorch"
+    statuses = []
+    for script, shown in examples:
+        result = subprocess.run(
+            ["bash", "-c", script.replace(".venv/bin/procorch", command)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+        statuses.append(result.returncode)
+        assert _stable(result.stdout) == _stable(shown), script
+    assert statuses == [1, 0, 1, 0]
     first = (tmp_path / "outcomes.jsonl").read_text().splitlines()[0]
     assert (
         first == '{"task_id":"a","session_id":"s-a","agent":"counter","output":"3","success":true}'
