@@ -236,12 +236,17 @@ def test_cancel_from_another_thread(tmp_path: Path) -> None:
     token = CancelToken()
     specs = [spec("quick"), spec("h1", "c_hang"), spec("h2", "py_busy"), spec("h3", "c_hang")]
     started = threading.Event()
+    quick_done = threading.Event()  # on a busy machine "quick" may still run at 0.5 s
 
     def on_event(event: Event) -> None:
         if isinstance(event, StepStarted) and event.task_id.startswith("h"):
             started.set()
+        if isinstance(event, StepFinished) and event.task_id == "quick":
+            quick_done.set()
 
-    timer = threading.Timer(0.5, lambda: started.wait(30) and token.cancel())
+    timer = threading.Timer(
+        0.5, lambda: started.wait(30) and quick_done.wait(30) and token.cancel()
+    )
     timer.start()
     begin = time.monotonic()
     out = execute_steps_parallel(GuardExecutor(str(tmp_path)), specs, cancel=token, events=on_event)
