@@ -25,34 +25,43 @@ from ._events import (
     StepRerun,
     StepStarted,
 )
-from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
-from ._futures import ProcessPool, StepFailedError
+from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor, Executor
+from ._futures import BrokenPoolError, CallTimeoutError, ProcessPool, StepFailedError
 from ._guards import CancelToken, RetryPolicy
 from ._journal import JournalStore, SqliteStore, WorkflowJournal
+from ._map import MapResult, imap, map
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
+from ._progress import Progress, progress
 from ._resumable import execute_steps_parallel_resumable
 from ._sandbox import Sandbox
 from ._schema import output_schema_for
 from ._stream import stream_steps_parallel
 
+# map and imap are public (procorch.map, procorch.imap) but stay out of __all__,
+# so that "from procorch import *" does not hide the builtin map.
 __all__ = [
     "DEFAULT_MAX_PARALLEL_TASKS",
     "AgentExecutor",
     "AgentStepSpec",
+    "BrokenPoolError",
+    "CallTimeoutError",
     "CancelToken",
     "DaskBackend",
     "ErrorKind",
     "Event",
     "EventSink",
     "EventStream",
+    "Executor",
     "ExecutorError",
     "InvalidSpecError",
     "JournalError",
     "JournalSchemaError",
     "JournalStore",
+    "MapResult",
     "ProcessPool",
+    "Progress",
     "RetryPolicy",
     "Sandbox",
     "SqliteStore",
@@ -76,6 +85,7 @@ __all__ = [
     "execute_steps_parallel_async",
     "execute_steps_parallel_resumable",
     "output_schema_for",
+    "progress",
     "shutdown",
     "stream_steps_parallel",
 ]

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, Unpack
 from ._call import Guards
 from ._combinators import execute_loop, execute_pipeline
 from ._events import Event
+from ._executor import Executor
 from ._guards import CancelToken
 from ._model import AgentStepSpec, StepOutcome
 from ._parallel import execute_steps_parallel
@@ -110,7 +111,7 @@ async def _in_thread(run: Callable[..., Result], events: Any, guards: Guards, *a
 
 
 async def execute_steps_parallel_async(
-    executor: Any,
+    executor: Executor,
     specs: Iterable[AgentStepSpec],
     events: Any = None,
     **guards: Unpack[Guards],
@@ -120,7 +121,7 @@ async def execute_steps_parallel_async(
 
 
 async def execute_pipeline_async(
-    executor: Any,
+    executor: Executor,
     items: Iterable[Item],
     stages: Sequence[Callable[[StepOutcome | None, Item], AgentStepSpec | None]],
     events: Any = None,
@@ -131,7 +132,7 @@ async def execute_pipeline_async(
 
 
 async def execute_loop_async(
-    executor: Any,
+    executor: Executor,
     initial: Iterable[AgentStepSpec],
     max_iterations: int,
     next: Callable[[list[StepOutcome]], Iterable[AgentStepSpec] | None],

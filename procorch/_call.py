@@ -17,7 +17,7 @@ import msgspec
 from ._backend import BackendFactory, StepBackend
 from ._errors import ExecutorError, InvalidSpecError
 from ._events import Event
-from ._executor import DEFAULT_MAX_PARALLEL_TASKS
+from ._executor import DEFAULT_MAX_PARALLEL_TASKS, Executor
 from ._guards import CancelToken, RetryPolicy
 from ._lifecycle import StepLifecycle
 from ._local import LOCAL_GUARDS, LocalBackend
@@ -45,6 +45,7 @@ class Guards(TypedDict, total=False):
     cancel: CancelToken | None
     sandbox: Sandbox | None
     timeout_grace: float | None
+    concurrency: int | None
     backend: Any
 
 
@@ -90,14 +91,14 @@ class _Call:
         return StepLifecycle(backend, self.emit, self.options, on_outcome, keep_outcomes)
 
 
-def prepare_call(executor: Any, events: EventTarget | None, guards: Guards) -> _Call:
+def prepare_call(executor: Executor, events: EventTarget | None, guards: Guards) -> _Call:
     """Check the executor, the events target and the guards; pickle the executor."""
     if not callable(getattr(executor, "execute_step", None)):
         raise ExecutorError(
             f"executor must have an execute_step(spec, events) method "
             f"(got {type(executor).__name__})"
         )
-    limit = _concurrency(executor)
+    limit = _concurrency(executor, guards.get("concurrency"))
     emit = _event_delivery(events)
     backend = _backend(guards)
     options = _call_options(guards)
@@ -120,7 +121,7 @@ def _backend(guards: Guards) -> BackendFactory:
     ):
         raise TypeError(f"backend must be a DaskBackend or None (got {type(backend).__name__})")
     for guard, value in guards.items():
-        if guard == "backend" or value is None or value is False:
+        if guard in _UNIVERSAL or value is None or value is False:
             continue
         if guard not in backend.supported_guards:
             raise ValueError(
@@ -129,10 +130,19 @@ def _backend(guards: Guards) -> BackendFactory:
     return cast(BackendFactory, backend)
 
 
+_UNIVERSAL = frozenset({"backend", "concurrency"})  # read here, not by a backend
+
 _INSTEAD = {
     "memory_limit": ": set the workers' own limits (memory_limit on the Dask workers) instead",
     "capture_output": ": the workers' own logs keep what steps print",
 }
+
+
+def add_step(dispatch: Any, spec: AgentStepSpec, data: bytes, position: int) -> int:
+    """Queue a step whose events name ``position`` in the caller's input; its index."""
+    if isinstance(dispatch, StepLifecycle):
+        return dispatch.add(spec, data, position)
+    return dispatch.add(spec, data)  # type: ignore[no-any-return]  # Dask: dispatch order
 
 
 def check_spec(index: int, spec: Any) -> bytes:
@@ -142,6 +152,8 @@ def check_spec(index: int, spec: Any) -> bytes:
     try:
         data = _encode(spec)
         _decode_spec(data)
+    except UnicodeEncodeError as exc:  # a lone surrogate: not text any encoding can carry
+        raise InvalidSpecError(index, _unencodable_text(spec, exc)) from None
     except (TypeError, OverflowError) as exc:
         raise InvalidSpecError(index, f"cannot be encoded: {exc}") from None
     except msgspec.ValidationError as exc:
@@ -151,6 +163,21 @@ def check_spec(index: int, spec: Any) -> bytes:
         if problem is not None:
             raise InvalidSpecError(index, f"output_schema is not a valid JSON Schema: {problem}")
     return data
+
+
+def _unencodable_text(spec: AgentStepSpec, exc: UnicodeEncodeError) -> str:
+    """Which field holds text that cannot be encoded, and where in it."""
+    for field in spec.__struct_fields__:
+        value = getattr(spec, field)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                return (
+                    f"{field} holds text that cannot be encoded as UTF-8 "
+                    f"({bad.reason} at position {bad.start}: {value[bad.start : bad.end]!r})"
+                )
+    return f"holds text that cannot be encoded as UTF-8 ({exc.reason})"
 
 
 def checked_specs(specs: Iterable[AgentStepSpec]) -> tuple[list[AgentStepSpec], list[bytes]]:
@@ -178,7 +205,12 @@ def check_step_timeouts_name_specs(guards: Guards, specs: Iterable[AgentStepSpec
             raise ValueError(f"step_timeouts names task_id {task_id!r}, which no spec has")
 
 
-def _concurrency(executor: Any) -> int:
+def _concurrency(executor: Any, concurrency: Any = None) -> int:
+    """The call's ``concurrency`` guard if given, else the executor's hint."""
+    if concurrency is not None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be an int >= 1 (got {concurrency!r})")
+        return concurrency
     hint_method = getattr(executor, "concurrency_hint", None)
     hint = DEFAULT_MAX_PARALLEL_TASKS if hint_method is None else hint_method()
     if isinstance(hint, bool) or not isinstance(hint, int):

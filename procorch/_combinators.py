@@ -12,8 +12,9 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, Unpack
 
-from ._call import EventTarget, Guards, check_spec, prepare_call
+from ._call import EventTarget, Guards, add_step, check_spec, prepare_call
 from ._errors import InvalidSpecError
+from ._executor import Executor
 from ._model import AgentStepSpec, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 
@@ -26,7 +27,7 @@ Stage = Callable[[StepOutcome | None, Any], AgentStepSpec | None]
 
 
 def execute_pipeline(
-    executor: Any,
+    executor: Executor,
     items: Iterable[Item],
     stages: Sequence[Callable[[StepOutcome | None, Item], AgentStepSpec | None]],
     events: EventTarget | None = None,
@@ -70,7 +71,7 @@ def execute_pipeline(
             detail = f"raised {type(exc).__name__}: {exc}"
             results[item] = _stage_failure(item, stage, previous, detail, exc)
             return
-        chain_of[dispatch.add(spec, data)] = (item, stage)
+        chain_of[add_step(dispatch, spec, data, item)] = (item, stage)
 
     def advance(index: int, outcome: StepOutcome) -> None:
         item, stage = chain_of.pop(index)
@@ -78,7 +79,9 @@ def execute_pipeline(
         if outcome.success and stage + 1 < len(stages) and not dispatch.stopping:
             start_stage(item, stage + 1, outcome)
 
-    dispatch = call.dispatch(on_outcome=advance, keep_outcomes=False)
+    dispatch = call.dispatch(
+        on_outcome=advance
+    )  # kept: a raising consumer's exception carries them
     for item in range(len(items)):
         start_stage(item, 0, None)
     if dispatch.remaining:
@@ -108,7 +111,7 @@ def _stage_failure(
 
 
 def execute_loop(
-    executor: Any,
+    executor: Executor,
     initial: Iterable[AgentStepSpec],
     max_iterations: int,
     next: Callable[[list[StepOutcome]], Iterable[AgentStepSpec] | None],

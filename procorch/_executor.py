@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable
+from typing import Protocol
 
 from ._events import EventSink
 from ._model import AgentStepSpec, StepOutcome
 
-__all__ = ["DEFAULT_MAX_PARALLEL_TASKS", "AgentExecutor"]
+__all__ = ["DEFAULT_MAX_PARALLEL_TASKS", "AgentExecutor", "Executor"]
 
 DEFAULT_MAX_PARALLEL_TASKS = 4
 """How many steps run at once when an executor does not say otherwise.
@@ -23,6 +24,18 @@ Four keeps a laptop responsive while still overlapping I/O-bound agent steps;
 CPU-bound executors should return ``os.cpu_count()`` from
 :meth:`AgentExecutor.concurrency_hint` instead.
 """
+
+
+class Executor(Protocol):
+    """What every entry point takes as its executor: anything with ``execute_step``.
+
+    :class:`AgentExecutor` is the usual way to write one; any object with
+    this method (and, optionally, ``concurrency_hint() -> int``) will do.
+    """
+
+    def execute_step(
+        self, spec: AgentStepSpec, events: EventSink, /
+    ) -> StepOutcome | Awaitable[StepOutcome]: ...
 
 
 class AgentExecutor(abc.ABC):

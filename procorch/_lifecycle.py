@@ -66,6 +66,7 @@ class StepRecord:
         "data",
         "limit",
         "pid",
+        "position",
         "soft_stopped",
         "spec",
         "started_at",
@@ -74,8 +75,11 @@ class StepRecord:
         "unstarted_deaths",
     )
 
-    def __init__(self, spec: AgentStepSpec, data: bytes, limit: float | None) -> None:
+    def __init__(
+        self, spec: AgentStepSpec, data: bytes, limit: float | None, position: int
+    ) -> None:
         self.spec = spec
+        self.position = position  # the caller's position for it (its events' index)
         self.data = data  # its wire bytes
         self.limit = limit  # seconds, or None
         self.state = QUEUED
@@ -117,6 +121,7 @@ class StepLifecycle:
         self._outbox: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
             collections.deque()
         )
+        self._positions: dict[int, int] = {}  # index -> position, where they differ
         self.deadline: float | None = None
         self._wake = WakePipe()
         self._previous_sigterm: Any = None
@@ -124,12 +129,21 @@ class StepLifecycle:
 
     # -- the entry points' side ---------------------------------------------------
 
-    def add(self, spec: AgentStepSpec, data: bytes) -> int:
-        """Queue a checked spec (and its wire bytes); returns its index."""
+    def add(self, spec: AgentStepSpec, data: bytes, position: int | None = None) -> int:
+        """Queue a checked spec (and its wire bytes); returns its index.
+
+        ``position`` is where the step sits in the caller's input, the
+        ``index`` of its events (by default, its index: the order of ``add``).
+        Indices stay unique; positions need not be (a pipeline item's stages).
+        """
         index = self.next_index
         self.next_index += 1
+        if position is None:
+            position = index
+        elif position != index:
+            self._positions[index] = position
         limit = self.options.step_timeouts.get(spec.task_id, self.options.step_timeout)
-        self.steps[index] = StepRecord(spec, data, limit)
+        self.steps[index] = StepRecord(spec, data, limit, position)
         self.remaining += 1
         self._queue.append(index)
         return index
@@ -253,7 +267,9 @@ class StepLifecycle:
         self._running[index] = record
         if self.emit is not None:
             spec = record.spec
-            self._post(self.emit, StepStarted(index, spec.task_id, attempt, spec.agent, pid))
+            self._post(
+                self.emit, StepStarted(record.position, spec.task_id, attempt, spec.agent, pid)
+            )
         return True
 
     def progress(self, index: int, attempt: int, data: Any) -> bool:
@@ -261,7 +277,7 @@ class StepLifecycle:
         if record is None:
             return False
         if self.emit is not None:
-            self._post(self.emit, StepProgress(index, record.spec.task_id, attempt, data))
+            self._post(self.emit, StepProgress(record.position, record.spec.task_id, attempt, data))
         return True
 
     def finished(self, index: int, attempt: int, outcome: StepOutcome, duration: float) -> bool:
@@ -299,7 +315,10 @@ class StepLifecycle:
         spec = record.spec
         name = _messages.signal_name(exit_code)
         if self.emit is not None:
-            self._post(self.emit, StepCrashed(index, spec.task_id, attempt, pid, exit_code, name))
+            self._post(
+                self.emit,
+                StepCrashed(record.position, spec.task_id, attempt, pid, exit_code, name),
+            )
         error = StepError(
             kind="crash",
             message=message or _messages.crash(spec, pid, exit_code),
@@ -338,7 +357,9 @@ class StepLifecycle:
         record.started_at = None
         record.uncharged += 1
         if self.emit is not None:
-            self._post(self.emit, StepRerun(index, record.spec.task_id, attempt + 1, reason))
+            self._post(
+                self.emit, StepRerun(record.position, record.spec.task_id, attempt + 1, reason)
+            )
         if resent:
             record.state = SENT
         else:
@@ -504,9 +525,8 @@ class StepLifecycle:
             record.started_at = None
             if self.emit is not None:
                 spec = record.spec
-                self._post(
-                    self.emit, StepRerun(index, spec.task_id, record.attempts + 1, error.message)
-                )
+                rerun = StepRerun(record.position, spec.task_id, record.attempts + 1, error.message)
+                self._post(self.emit, rerun)
             delay = policy.delay_before(record.attempts - record.uncharged + 1)
             if delay > 0:
                 record.state = WAITING
@@ -534,7 +554,9 @@ class StepLifecycle:
             spec = record.spec
             self._post(
                 self.emit,
-                StepFinished(index, spec.task_id, record.attempts, outcome.success, duration),
+                StepFinished(
+                    record.position, spec.task_id, record.attempts, outcome.success, duration
+                ),
             )
         if self.on_outcome is not None:
             self._post(self.on_outcome, index, outcome)
@@ -545,11 +567,44 @@ class StepLifecycle:
         self._outbox.append((function, args))
 
     def _deliver(self) -> None:
-        """Hand the queued events and outcomes to the caller, in order."""
+        """Hand the queued events and outcomes to the caller, in order.
+
+        A consumer that raises stops the call (the exception propagates), but
+        the outcomes finished so far are not lost: the outcome hooks still
+        queued run first (a resumable run journals them), and the exception
+        carries the outcomes, by position, in ``outcomes`` (and says so in a note).
+        """
         outbox = self._outbox
         while outbox:
             function, args = outbox.popleft()
-            function(*args)
+            try:
+                function(*args)
+            except BaseException as exc:
+                self._keep_outcomes_on(exc)
+                raise
+
+    def _keep_outcomes_on(self, exc: BaseException) -> None:
+        outbox = self._outbox
+        try:
+            while outbox:
+                function, args = outbox.popleft()
+                if function is self.on_outcome:
+                    function(*args)
+        except Exception:  # a second raising consumer: the first exception is the story
+            outbox.clear()
+        if self.outcomes is None or hasattr(exc, "outcomes"):
+            return
+        positions = self._positions
+        finished = {positions.get(index, index): o for index, o in sorted(self.outcomes.items())}
+        try:
+            exc.outcomes = finished  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type with __slots__
+            return
+        exc.add_note(
+            f"procorch: a consumer of the call's events or outcomes raised, so the call "
+            f"stopped; this exception's .outcomes holds the {len(finished)} outcomes "
+            f"finished so far, by position in the input"
+        )
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:

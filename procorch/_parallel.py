@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Unpack
+from typing import Unpack
 
 from ._call import EventTarget, Guards, check_step_timeouts_name_specs, checked_specs, prepare_call
+from ._executor import Executor
 from ._model import AgentStepSpec, StepOutcome
 
 __all__ = ["execute_steps_parallel"]
 
 
 def execute_steps_parallel(
-    executor: Any,
+    executor: Executor,
     specs: Iterable[AgentStepSpec],
     events: EventTarget | None = None,
     **guards: Unpack[Guards],

@@ -7,8 +7,16 @@ from collections.abc import Iterable
 from typing import Any, Unpack
 
 from . import _messages
-from ._call import EventTarget, Guards, check_step_timeouts_name_specs, checked_specs, prepare_call
+from ._call import (
+    EventTarget,
+    Guards,
+    add_step,
+    check_step_timeouts_name_specs,
+    checked_specs,
+    prepare_call,
+)
 from ._errors import JournalSchemaError
+from ._executor import Executor
 from ._journal import JournalStore, SqliteStore, spec_digest
 from ._model import AgentStepSpec, StepError, StepOutcome
 
@@ -16,7 +24,7 @@ __all__ = ["execute_steps_parallel_resumable"]
 
 
 def execute_steps_parallel_resumable(
-    executor: Any,
+    executor: Executor,
     specs: Iterable[AgentStepSpec],
     workflow_id: str,
     store: JournalStore | str | os.PathLike[str],
@@ -77,13 +85,13 @@ def _run(
         if outcome.success:
             journal.record(specs[where], outcome)
 
-    dispatch = call.dispatch(on_outcome=record, keep_outcomes=False)
+    dispatch = call.dispatch(on_outcome=record)  # kept: a raising consumer's exception carries them
     for where, (spec, data) in enumerate(zip(specs, wire, strict=True)):
         stored = done.get(spec.task_id)
         if stored is not None and stored[0] == spec_digest(spec):
             outcomes[where] = stored[1]
         else:
-            position[dispatch.add(spec, data)] = where
+            position[add_step(dispatch, spec, data, where)] = where
     if position:
         dispatch.run(min(call.limit, len(position)))
     return [outcome for outcome in outcomes if outcome is not None]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Unpack
 
 from ._call import EventTarget, Guards, check_spec, prepare_call
+from ._executor import Executor
 from ._model import AgentStepSpec, StepOutcome
 
 __all__ = ["stream_steps_parallel"]
@@ -23,9 +24,11 @@ __all__ = ["stream_steps_parallel"]
 # no-op steps 17 times slower (47 s) than 256 per lane (2.7 s), which holds a few hundred KB.
 _DEFAULT_WINDOW_PER_LANE = 256
 
+_END: Any = object()  # the input ran out (None is a bad item, not the end)
+
 
 def stream_steps_parallel(
-    executor: Any,
+    executor: Executor,
     specs: Iterable[AgentStepSpec],
     events: EventTarget | None = None,
     *,
@@ -70,8 +73,8 @@ def _stream(
             while not exhausted and not dispatch.stopping:
                 if dispatch.remaining + len(finished) + len(waiting) >= window:
                     break
-                spec = next(source, None)
-                if spec is None:
+                spec = next(source, _END)
+                if spec is _END:
                     exhausted = True
                     break
                 dispatch.add(spec, check_spec(dispatch.next_index, spec))

@@ -731,3 +731,49 @@ class WorkerFactsExecutor(AgentExecutor):
             "modules": [name for name in ("jsonschema", "colorsys") if name in sys.modules],
         }
         return ok_outcome(spec, structured=facts)
+
+
+def _refuse_to_rebuild() -> None:
+    raise ValueError("this object refuses to be rebuilt")
+
+
+class RebuildsWithError:
+    """Pickles fine in the worker; unpickling it (in the caller) raises."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse_to_rebuild, ()
+
+
+def unreadable_result(x: int) -> Any:
+    """Returns an object the caller cannot unpickle when ``x == 0``, else x."""
+    return RebuildsWithError() if x == 0 else x
+
+
+def write_pid_then_sleep(path: str, seconds: float) -> int:
+    """Writes its worker's pid to ``path``, then sleeps."""
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+_initialized_with: list[Any] = []
+
+
+def remember_initargs(*args: Any) -> None:
+    """A ProcessPool initializer: keeps its arguments in the worker."""
+    _initialized_with.append(args)
+
+
+def initialized_with() -> list[Any]:
+    """What remember_initargs received in this worker."""
+    return list(_initialized_with)
+
+
+def wait_for_file(path: Path, within: float = 60.0) -> bool:
+    """Whether ``path`` appears within ``within`` seconds (polled)."""
+    deadline = time.monotonic() + within
+    while not path.exists() or not path.read_text():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

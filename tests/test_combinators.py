@@ -16,6 +16,7 @@ from helpers import (
 
 from procorch import (
     AgentStepSpec,
+    Event,
     StepOutcome,
     execute_loop,
     execute_pipeline,
@@ -186,3 +187,14 @@ def test_loop_needs_at_least_one_iteration(tmp_path: Path) -> None:
     """max_iterations below 1 is refused."""
     with pytest.raises(ValueError, match=r"max_iterations must be >= 1 \(got 0\)"):
         execute_loop(SeedExecutor(2, tmp_path), [spec("a")], 0, lambda _: None)
+
+
+def test_pipeline_events_name_the_items_position(tmp_path: Path) -> None:
+    """Every event of an item's chain carries the item's position in the input."""
+    seen: list[Event] = []
+    execute_pipeline(
+        SeedExecutor(2, tmp_path), ["a", "b", "c"], [_stage(0), _stage(1)], events=seen.append
+    )
+    assert {(e.task_id, e.index) for e in seen} == {
+        (f"{item}-s{stage}", position) for position, item in enumerate("abc") for stage in range(2)
+    }

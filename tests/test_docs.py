@@ -142,3 +142,10 @@ def test_readme_command_line_examples_run_as_shown(tmp_path: Path) -> None:
     assert (
         first == '{"task_id":"a","session_id":"s-a","agent":"counter","output":"3","success":true}'
     )
+
+
+def test_readme_plain_functions_example_runs(tmp_path: Path) -> None:
+    """The map, imap and ProcessPool example prints what its comments promise."""
+    lines = _run_readme_block(4, tmp_path)
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[4]
+    assert lines == _promised_output(block)

@@ -98,3 +98,30 @@ def test_a_failing_callback_stops_the_call_and_the_engine_recovers() -> None:
         raise AssertionError("the callback's exception was swallowed")
     out = execute_steps_parallel(ChattyExecutor(5), [spec(str(i)) for i in range(4)])
     assert all(o.success for o in out)
+
+
+def test_a_raising_callback_s_exception_carries_the_finished_outcomes() -> None:
+    """The call stops, but the exception holds every outcome finished so far, and says so."""
+
+    class Stop(Exception):
+        pass
+
+    finished: list[int] = []
+
+    def stop_at_the_third_finish(event: Event) -> None:
+        if isinstance(event, StepFinished):
+            finished.append(event.index)
+            if len(finished) == 3:
+                raise Stop
+
+    specs = [spec(str(i)) for i in range(6)]
+    try:
+        execute_steps_parallel(ChattyExecutor(1), specs, events=stop_at_the_third_finish)
+    except Stop as exc:
+        outcomes = exc.outcomes  # type: ignore[attr-defined]
+        notes = exc.__notes__
+    else:
+        raise AssertionError("the callback's exception was swallowed")
+    assert set(finished) <= set(outcomes)
+    assert all(outcomes[i].task_id == str(i) and outcomes[i].success for i in outcomes)
+    assert any(".outcomes holds" in note for note in notes)

@@ -6,13 +6,30 @@ import concurrent.futures
 import faulthandler
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
-from helpers import crash_on, interval, raise_value_error, sleep_then, square
+from helpers import (
+    crash_on,
+    gone,
+    initialized_with,
+    interval,
+    raise_value_error,
+    remember_initargs,
+    sleep_then,
+    square,
+    unreadable_result,
+    wait_for_file,
+    write_pid_then_sleep,
+)
 
-from procorch import ProcessPool, StepFailedError
+import procorch
+from procorch import BrokenPoolError, CallTimeoutError, ProcessPool, StepFailedError
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes")
 
@@ -131,12 +148,15 @@ def test_max_workers_bounds_concurrency() -> None:
 
 
 def test_step_timeout_applies_to_calls() -> None:
-    """A guard given to the pool applies to each call."""
+    """A guard given to the pool applies to each call; past it the future raises TimeoutError."""
     with ProcessPool(2, step_timeout=0.5) as pool:
         slow = pool.submit(sleep_then, 1, 30)
         quick = pool.submit(square, 4)
-        with pytest.raises(StepFailedError, match="timed out"):
+        with pytest.raises(TimeoutError, match="timed out") as caught:
             slow.result(timeout=60)
+        assert isinstance(caught.value, CallTimeoutError)
+        assert isinstance(caught.value, StepFailedError)
+        assert caught.value.error is not None and caught.value.error.kind == "timeout"
         assert quick.result(timeout=60) == 16
 
 
@@ -154,3 +174,123 @@ def test_is_a_concurrent_futures_executor() -> None:
     with pytest.raises(ValueError, match="max_workers must be an int >= 1"):
         ProcessPool(0)
     assert os.cpu_count()
+
+
+def test_schedule_timeout_kills_a_hung_call() -> None:
+    """schedule(timeout=) limits that call alone, as pebble's does."""
+    with ProcessPool(2) as pool:
+        hung = pool.schedule(sleep_then, args=(1, 3600), timeout=1)
+        free = pool.schedule(sleep_then, args=(2,), kwargs={"seconds": 1.5})
+        with pytest.raises(CallTimeoutError, match="1 s limit"):
+            hung.result(timeout=60)
+        assert free.result(timeout=60) == 2
+        assert pool.submit(square, 5).result(timeout=60) == 25
+
+
+def test_unreadable_result_fails_only_its_future() -> None:
+    """A result that cannot be unpickled in the caller fails its future; the pool goes on."""
+    with ProcessPool(2) as pool:
+        futures = [pool.submit(unreadable_result, x) for x in range(4)]
+        with pytest.raises(StepFailedError, match="could not be rebuilt") as caught:
+            futures[0].result(timeout=60)
+        assert caught.value.error is not None
+        assert caught.value.error.kind == "serialization"
+        assert "refuses to be rebuilt" in str(caught.value)
+        assert [f.result(timeout=60) for f in futures[1:]] == [1, 2, 3]
+        assert pool.submit(square, 6).result(timeout=60) == 36
+
+
+def test_a_fault_in_dispatch_breaks_the_pool_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in procorch's own dispatch fails the pending futures and submit, never hangs."""
+    pool = ProcessPool(1)
+    first = pool.submit(sleep_then, 1, 0.5)
+    queued = pool.submit(square, 2)
+    dispatch = pool._dispatch
+
+    def fault() -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(dispatch, "turn", fault)
+    pool._wake()
+    for future in (first, queued):
+        with pytest.raises(BrokenPoolError, match="injected fault"):
+            future.result(timeout=60)
+    with pytest.raises(BrokenPoolError, match="broken"):
+        pool.submit(square, 3)
+    pool.shutdown()
+
+
+def test_shutdown_cancel_futures_cancels_every_queued_call() -> None:
+    """12 calls on 2 workers: the 10 no worker took are cancelled, the 2 running finish."""
+    pool = ProcessPool(2)
+    futures = [pool.submit(sleep_then, x, 2) for x in range(12)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    cancelled = [f for f in futures if f.cancelled()]
+    assert len(cancelled) >= 10
+    assert all(f.done() for f in futures)
+    assert all(f.result() == x for x, f in enumerate(futures) if not f.cancelled())
+
+
+def test_cancel_of_a_queued_call_succeeds_and_it_never_runs(tmp_path: Path) -> None:
+    """future.cancel() on a call no worker took returns True; the call never runs."""
+    marker = tmp_path / "ran"
+    with ProcessPool(1) as pool:
+        blocker = pool.submit(sleep_then, 0, 1.5)
+        queued = pool.submit(write_pid_then_sleep, str(marker), 0)
+        assert queued.cancel()
+        assert queued.cancelled()
+        done, _ = wait([queued], timeout=60)
+        assert queued in done
+        assert blocker.result(timeout=60) == 0
+    assert not marker.exists()
+
+
+def test_cancel_of_a_running_call_kills_its_worker(tmp_path: Path) -> None:
+    """future.cancel() on a running call stops it (its worker dies); the others go on."""
+    pid_file = tmp_path / "pid"
+    with ProcessPool(2) as pool:
+        hung = pool.submit(write_pid_then_sleep, str(pid_file), 3600)
+        other = pool.submit(sleep_then, 7, 1)
+        assert wait_for_file(pid_file)
+        assert hung.running()
+        assert hung.cancel()
+        assert hung.cancelled()
+        assert gone([int(pid_file.read_text())], within=60)
+        assert other.result(timeout=60) == 7
+        assert pool.submit(square, 3).result(timeout=60) == 9
+
+
+def test_pending_futures_finish_at_interpreter_exit(tmp_path: Path) -> None:
+    """A pool never shut down finishes its calls before the interpreter exits."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import sleep_then
+        import procorch
+
+        pool = procorch.ProcessPool(1)
+        for x in range(3):
+            pool.submit(sleep_then, x, 0.3).add_done_callback(
+                lambda f: print("done", f.result(), flush=True)
+            )
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", "0", "done", "1", "done", "2"]
+
+
+def test_initializer_runs_in_each_worker_before_its_first_call() -> None:
+    """initializer(*initargs) has run in the worker by the time a call runs there."""
+    with ProcessPool(1, initializer=remember_initargs, initargs=("ready", 1)) as pool:
+        assert pool.submit(initialized_with).result(timeout=60) == [("ready", 1)]
+        assert pool.submit(initialized_with).result(timeout=60) == [("ready", 1)]
+
+
+def test_concurrency_is_max_workers_and_the_default_is_shared() -> None:
+    """concurrency= means max_workers; both default to DEFAULT_MAX_PARALLEL_TASKS."""
+    assert ProcessPool(concurrency=3)._max_workers == 3
+    assert ProcessPool()._max_workers == procorch.DEFAULT_MAX_PARALLEL_TASKS

@@ -23,6 +23,7 @@ from procorch import (
     JournalSchemaError,
     SqliteStore,
     StepOutcome,
+    StepStarted,
     WorkflowLockedError,
     execute_steps_parallel_resumable,
 )
@@ -454,3 +455,22 @@ def test_without_ofd_locks_one_run_holds_the_whole_journal(
     first.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing journaled: removed
     SqliteStore(journal).open_workflow("another").close()
+
+
+def test_resumed_events_name_the_steps_input_position(tmp_path: Path) -> None:
+    """A resumed run's events carry each step's position in the input, not a run count."""
+    journal = tmp_path / "journal.db"
+    log = str(tmp_path / "log")
+    specs = [spec(f"t{i}") for i in range(6)]
+    store = SqliteStore(journal)
+    workflow = store.open_workflow("idx")
+    for done in specs[:4]:
+        workflow.record(done, StepOutcome(done.task_id, "s", done.agent, "from before", True))
+    workflow.close()
+    seen: list[object] = []
+    out = execute_steps_parallel_resumable(
+        JournaledExecutor(log, sleep=0.0), specs, "idx", journal, events=seen.append
+    )
+    assert [o.output for o in out[:4]] == ["from before"] * 4
+    started = {(e.task_id, e.index) for e in seen if isinstance(e, StepStarted)}
+    assert started == {("t4", 4), ("t5", 5)}

@@ -9,7 +9,13 @@ import psutil
 import pytest
 from helpers import QuickExecutor, gone, spec
 
-from procorch import AgentStepSpec, InvalidSpecError, StepStarted, stream_steps_parallel
+from procorch import (
+    AgentStepSpec,
+    InvalidSpecError,
+    StepStarted,
+    execute_steps_parallel,
+    stream_steps_parallel,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes")
 
@@ -100,3 +106,20 @@ def test_max_in_flight_must_be_positive() -> None:
     """A window below 1 is refused."""
     with pytest.raises(ValueError, match=r"max_in_flight must be an int >= 1 \(got 0\)"):
         stream_steps_parallel(QuickExecutor(), [spec("a")], max_in_flight=0)
+
+
+@pytest.mark.parametrize("bad", [None, "not a spec", 3])
+def test_a_bad_item_in_the_stream_raises_naming_its_position(bad: object) -> None:
+    """None (or any non-spec) mid-stream is an InvalidSpecError, as in the barrier."""
+    specs = [spec("a"), bad, spec("c")]
+    with pytest.raises(InvalidSpecError, match=r"specs\[1\]: expected an AgentStepSpec"):
+        list(stream_steps_parallel(QuickExecutor(), specs))  # type: ignore[list-item]
+
+
+def test_a_lone_surrogate_is_an_invalid_spec_naming_the_field() -> None:
+    """Text no encoding can carry is refused up front, naming the spec and the field."""
+    bad = AgentStepSpec("b", "ok", "", "half a pair: \udc80")
+    with pytest.raises(InvalidSpecError, match=r"specs\[1\]: prompt holds text that cannot"):
+        list(stream_steps_parallel(QuickExecutor(), [spec("a"), bad]))
+    with pytest.raises(InvalidSpecError, match=r"specs\[1\]: prompt"):
+        execute_steps_parallel(QuickExecutor(), [spec("a"), bad])
