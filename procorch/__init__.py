@@ -29,7 +29,9 @@ from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor, Executor
 from ._futures import BrokenPoolError, CallTimeoutError, ProcessPool, StepFailedError
 from ._guards import CancelToken, RetryPolicy
 from ._journal import JournalStore, SqliteStore, WorkflowJournal
-from ._map import MapResult, imap, map
+from ._map import MapResult
+from ._map import imap as imap  # public, but kept out of __all__ (see below)
+from ._map import map as map  # noqa: A004 - procorch.map, never a bare import
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
