@@ -31,7 +31,7 @@ from ._guards import CancelToken, RetryPolicy
 from ._journal import JournalStore, SqliteStore, WorkflowJournal
 from ._map import MapResult
 from ._map import imap as imap  # public, but kept out of __all__ (see below)
-from ._map import map as map  # noqa: A004 - procorch.map, never a bare import
+from ._map import map as map  # public as procorch.map, never a bare import
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
