@@ -50,6 +50,7 @@ from ._guards import CancelToken, RetryableKind, RetryPolicy
 from ._journal import SqliteStore, WorkflowJournal, spec_digest
 from ._model import AgentStepSpec, StepOutcome
 from ._pool import shutdown
+from ._sandbox import Sandbox
 
 __all__ = ["main"]
 
@@ -351,6 +352,60 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="keep what each step prints; a failed outcome's error.printed holds the last 4 KiB",
     )
     guards.add_argument(
+        "--timeout-grace",
+        metavar="SECONDS",
+        type=_seconds,
+        help="at --step-timeout, raise procorch.StepTimeout in the step first and kill its "
+        "worker only if it still runs this much later",
+    )
+    sandbox = run.add_argument_group(
+        "sandbox (limits per step, all off by default; each breach fails its step with the "
+        "limit's kind)"
+    )
+    sandbox.add_argument(
+        "--cpu-seconds", metavar="SECONDS", type=_seconds, help="CPU time a step may use"
+    )
+    sandbox.add_argument(
+        "--open-files", metavar="N", type=_at_least_one, help="files a step may have open at once"
+    )
+    sandbox.add_argument(
+        "--max-processes",
+        metavar="N",
+        type=_at_least_one,
+        help="processes a step may have running at once, itself excluded",
+    )
+    sandbox.add_argument(
+        "--file-size",
+        metavar="SIZE",
+        type=_parse_size,
+        help="how large any file a step writes may grow: 512M, 2G or bytes",
+    )
+    sandbox.add_argument(
+        "--no-network",
+        action="store_true",
+        help="run each step with no network at all, loopback included (needs root or user "
+        "namespaces; refused before any step starts where unavailable)",
+    )
+    sandbox.add_argument(
+        "--scratch-dir",
+        action="store_true",
+        help="start each step in a fresh private directory (also its TMPDIR), removed after",
+    )
+    sandbox.add_argument(
+        "--env-clear",
+        action="store_true",
+        help="give steps an empty environment (plus the --env variables)",
+    )
+    sandbox.add_argument(
+        "--env",
+        metavar="KEY=VALUE",
+        action="append",
+        type=_env_entry,
+        default=[],
+        help="set a variable in the steps' environment (repeatable; with --env-clear, "
+        "the only ones they see)",
+    )
+    guards.add_argument(
         "--halt-on-failure",
         metavar="N",
         type=_at_least_one,
@@ -409,6 +464,12 @@ def _check_combinations(args: argparse.Namespace) -> None:
             parser.error(
                 "--memory-limit is not available with --dask: set the Dask workers' own "
                 "memory limit instead"
+            )
+        sandboxed = _sandbox(args) is not None or args.timeout_grace is not None
+        if sandboxed:
+            parser.error(
+                "the sandbox options and --timeout-grace are not available with --dask: "
+                "they are enforced by procorch's local workers"
             )
         if args.capture_output:
             parser.error(
@@ -586,10 +647,40 @@ def _guards(args: argparse.Namespace, cancel: CancelToken | None, client: Any) -
         retry=_retry_policy(args),
         capture_output=args.capture_output,
         cancel=cancel,
+        sandbox=_sandbox(args),
+        timeout_grace=args.timeout_grace,
     )
     if client is not None:
         guards["backend"] = DaskBackend(client)
     return guards
+
+
+def _sandbox(args: argparse.Namespace) -> Sandbox | None:
+    """The Sandbox the options ask for, or None when none of them is given."""
+    env: dict[str, str] | None = None
+    if args.env_clear or args.env:
+        env = {} if args.env_clear else dict(os.environ)
+        env.update(dict(args.env))
+    fields: dict[str, Any] = {
+        "cpu_seconds": args.cpu_seconds,
+        "open_files": args.open_files,
+        "processes": args.max_processes,
+        "file_size": args.file_size,
+        "env": env,
+    }
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if args.no_network:
+        fields["network"] = False
+    if args.scratch_dir:
+        fields["scratch_dir"] = True
+    return Sandbox(**fields) if fields else None
+
+
+def _env_entry(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE (got {text!r})")
+    return name, value
 
 
 def _prepare(executor: Any, on_event: Callable[[Event], None], guards: Guards, path: str) -> Any:
@@ -598,7 +689,7 @@ def _prepare(executor: Any, on_event: Callable[[Event], None], guards: Guards, p
         return prepare_call(executor, on_event, guards)
     except ExecutorError as exc:
         raise _BadInput(f"executor {path!r}: {exc}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: an unenforceable sandbox
         raise _BadInput(str(exc)) from None
 
 

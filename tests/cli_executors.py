@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from helpers import FaultyExecutor, GuardExecutor
+from helpers import FaultyExecutor, GuardExecutor, SandboxExecutor
 
 from procorch import AgentStepSpec, EventSink, StepOutcome
 
@@ -72,3 +72,8 @@ class Sleeper(FaultyExecutor):
         if spec.agent == "ok":
             time.sleep(0.2)
         return super().execute_step(spec, events)
+
+
+def make_sandbox_executor() -> SandboxExecutor:
+    """A SandboxExecutor, for the sandbox options."""
+    return SandboxExecutor()

@@ -1122,3 +1122,44 @@ def test_line_problem_names_what_is_wrong(line: bytes, problem: str) -> None:
     found, said = line_problem(line)
     assert found is None
     assert problem in said
+
+
+def test_run_sandbox_options_reach_the_engine(tmp_path: Path) -> None:
+    """--open-files, --scratch-dir and --env-clear/--env each act on the steps they limit."""
+    _write_specs(
+        tmp_path / "specs.jsonl", [("leaky", "open_many"), ("where", "scratch"), ("e", "env")]
+    )
+    result = _procorch(
+        tmp_path,
+        *("run", "cli_executors:make_sandbox_executor", "specs.jsonl"),
+        *("--open-files", "50", "--scratch-dir", "--env-clear", "--env", "PROCORCH_SECRET=given"),
+        PROCORCH_SECRET="from-the-caller",
+    )
+    assert result.returncode == 1, result.stderr
+    leaky, where, env = _outcomes(result.stdout)
+    assert leaky.error is not None and leaky.error.kind == "open_files"
+    assert where.success and "procorch-step-" in where.structured["cwd"]
+    assert env.structured == {"secret": "given"}
+
+
+def test_run_sandbox_options_refused_with_dask(tmp_path: Path) -> None:
+    """A sandbox option with --dask is exit status 2, in one line, before anything runs."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok")])
+    result = _procorch(
+        tmp_path,
+        *("run", "cli_executors:make_sandbox_executor", "specs.jsonl"),
+        *("--no-network", "--dask", "tcp://127.0.0.1:1"),
+    )
+    assert result.returncode == 2
+    assert "not available with --dask" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_env_option_needs_key_and_value(tmp_path: Path) -> None:
+    """--env without '=' is a usage error naming the entry."""
+    _write_specs(tmp_path / "specs.jsonl", [("a", "ok")])
+    result = _procorch(
+        tmp_path, *("run", "cli_executors:make_sandbox_executor", "specs.jsonl", "--env", "NOPE")
+    )
+    assert result.returncode == 2
+    assert "must be KEY=VALUE (got 'NOPE')" in result.stderr
