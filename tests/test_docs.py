@@ -13,13 +13,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def _run_readme_block(number: int, tmp_path: Path) -> list[str]:
     code = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[number]
-    script = tmp_path / "example.py"
-    script.write_text(code)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    return _run_block(code, tmp_path)
 
 
 def test_readme_example_runs(tmp_path: Path) -> None:
