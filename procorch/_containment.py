@@ -164,6 +164,17 @@ def _remove_tree(path: str) -> None:
         pass
 
 
+def remove_lanes_of(owner: int) -> None:
+    """Kill and remove every lane cgroup of process ``owner`` (which is gone or done)."""
+    base = _lane_base()
+    if base is None:
+        return
+    for path in glob.glob(os.path.join(base, f"procorch-{owner}-*")):
+        _kill(path)
+        _wait_empty(path)
+        _remove_tree(path)
+
+
 def _sweep_stale(base: str) -> None:
     """Remove the lane cgroups of procorch processes that died without cleaning up."""
     for path in glob.glob(os.path.join(base, "procorch-*-*")):

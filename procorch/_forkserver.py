@@ -428,6 +428,7 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
             importlib.import_module(name)
         except Exception:
             pass  # the worker imports it again, and reports the error where it matters
+    caller = os.getppid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -449,8 +450,13 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
         selector.register(wake_r, selectors.EVENT_READ)
         while True:
             ready = {key.fileobj for key, _ in selector.select()}
-            if alive_r in ready:
-                return  # the caller stopped us, or is gone
+            if alive_r in ready:  # the caller stopped us, or is gone
+                # What the caller's steps started and left in their lanes'
+                # cgroups (daemons, if the caller was SIGKILLed) goes with it.
+                from ._containment import remove_lanes_of
+
+                remove_lanes_of(caller)
+                return
             if wake_r in ready:
                 _drain(wake_r)
                 _reap(children)

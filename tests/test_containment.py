@@ -103,3 +103,38 @@ def test_memory_cap_counts_shared_pages_once() -> None:
     assert out[0].success, out[0].output
     assert out[1].error is not None and out[1].error.kind == "memory", out[1].output
     assert out[1].error.memory is not None and out[1].error.memory > 200 * 2**20
+
+
+KILLED_CALLER = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import EscapingExecutor, spec
+import procorch
+procorch.execute_steps_parallel(EscapingExecutor({state!r}), [spec("d", "hang")])
+"""
+
+
+def test_daemon_of_a_sigkilled_callers_step_is_gone(tmp_path: Path) -> None:
+    """SIGKILL the caller while its step's daemon runs: the daemon goes with the caller."""
+    import subprocess
+    import sys
+    import time
+
+    tests = str(Path(__file__).parent)
+    executor = EscapingExecutor(str(tmp_path))
+    caller = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CALLER.format(tests=tests, state=str(tmp_path))]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not executor.daemons() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        daemons = executor.daemons()
+        assert daemons, "the step never started its daemon"
+        caller.kill()
+        caller.wait(timeout=60)
+        assert gone(daemons, within=20), f"still running: {[p for p in daemons if running(p)]}"
+    finally:
+        caller.kill()
+        caller.wait()
+        _kill(executor.daemons())
