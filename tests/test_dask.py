@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,9 +26,12 @@ from helpers import (
 )
 
 from procorch import (
+    AgentExecutor,
+    AgentStepSpec,
     CancelToken,
     DaskBackend,
     Event,
+    EventSink,
     RetryPolicy,
     StepCrashed,
     StepFinished,
@@ -384,3 +389,89 @@ def test_dask_own_reruns_are_uncharged_attempts() -> None:
     reruns = [e.reason for e in seen if isinstance(e, StepRerun)]
     assert [reason.endswith("Dask runs it again") for reason in reruns] == [True, False, True]
     assert [type(e).__name__ for e in seen][-2:] == ["StepCrashed", "StepFinished"]
+
+
+# -- many threads per worker, many callers ----------------------------------------------
+
+
+def _rebuild_named(name: str, log_path: str) -> NamedExecutor:
+    with open(log_path, "a") as log:
+        log.write(f"{os.getpid()} {name}\n")
+    return NamedExecutor(name, log_path)
+
+
+class NamedExecutor(AgentExecutor):
+    """Answers every step with its own name; each unpickling appends "pid name" to ``log_path``."""
+
+    def __init__(self, name: str, log_path: str) -> None:
+        self.name = name
+        self.log_path = log_path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_named, (self.name, self.log_path))
+
+    def concurrency_hint(self) -> int:
+        return 8
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        time.sleep(0.01)
+        return StepOutcome(
+            task_id=spec.task_id,
+            session_id=spec.task_id,
+            agent=spec.agent,
+            output=self.name,
+            success=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def threaded_client() -> Iterator[object]:
+    """A client of two worker processes with four threads each, as Dask gives by default."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=4,
+            processes=True,
+            dashboard_address=":0",  # the module's cluster holds the default port
+            host="127.0.0.1",
+        ) as local,
+        distributed.Client(local, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def test_dask_four_threads_per_worker_run_every_step(
+    tmp_path: Path, threaded_client: object
+) -> None:
+    """100 steps on 4-thread workers all succeed, with one unpickling per worker process."""
+    log = tmp_path / "unpickled"
+    out = execute_steps_parallel(
+        NamedExecutor("solo", str(log)),
+        [spec(str(i)) for i in range(100)],
+        backend=DaskBackend(threaded_client),
+    )
+    assert [o.output for o in out] == ["solo"] * 100, [o.output for o in out if not o.success]
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(set(lines)) <= 2
+
+
+def test_dask_concurrent_callers_each_get_their_own_executor(
+    tmp_path: Path, threaded_client: object
+) -> None:
+    """Two callers from one process at once on 4-thread workers: each step runs its caller's."""
+    log = tmp_path / "unpickled"
+    backend = DaskBackend(threaded_client)
+    with ThreadPoolExecutor(2) as pool:
+        runs = {
+            name: pool.submit(
+                execute_steps_parallel,
+                NamedExecutor(name, str(log)),
+                [spec(f"{name}-{i}") for i in range(60)],
+                backend=backend,
+            )
+            for name in ("alice", "bob")
+        }
+        outputs = {name: [o.output for o in run.result()] for name, run in runs.items()}
+    assert outputs == {"alice": ["alice"] * 60, "bob": ["bob"] * 60}
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(set(lines)) <= 4  # once per worker process and caller
