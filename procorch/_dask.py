@@ -420,6 +420,7 @@ class _DaskSteps:
         except Exception:  # the client or the scheduler is already gone
             pass
         self._executor = None
+        self.blob = b""  # the call's objects form cycles: do not wait for the collector
         runs, self._runs = self._runs, None
         try:
             client.run_on_scheduler(_forget_on_scheduler, self.queue_name)
