@@ -296,6 +296,7 @@ class _DaskSteps:
         self._runs: Any = None
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
+        self._restarts: list[threading.Thread] = []
 
     # -- the seam ----------------------------------------------------------------------
 
@@ -371,11 +372,8 @@ class _DaskSteps:
             return StopFacts()
         self._cancel([task])
         self._forget(task)
-        problems = self._restart([task.address] if task.address else [])
-        return StopFacts(
-            pid=task.pid,
-            stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
-        )
+        self._restart_later([task.address] if task.address else [])
+        return StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
 
     def stop_all(self) -> dict[int, StopFacts]:
         tasks = list(self.tasks.values())
@@ -385,12 +383,9 @@ class _DaskSteps:
         for task in tasks:
             self._forget(task)
         running = [task for task in tasks if task.run is not None]
-        problems = self._restart(sorted({task.address for task in running if task.address}))
+        self._restart_later(sorted({task.address for task in running if task.address}))
         return {
-            task.index: StopFacts(
-                pid=task.pid,
-                stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
-            )
+            task.index: StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
             for task in running
         }
 
@@ -408,6 +403,9 @@ class _DaskSteps:
             self._stop_listener()
             self._leave(client)
             if self._owns_client:
+                # Its restarts would end with it: let them be asked for first.
+                for thread in self._restarts:
+                    thread.join(timeout=_RESTART_SECONDS)
                 client.close()
 
     def _leave(self, client: Any) -> None:
@@ -475,6 +473,20 @@ class _DaskSteps:
                 self._client.cancel([task.future for task in tasks], force=True)
             except Exception:  # the client is closing: its futures go with it
                 pass
+
+    def _restart_later(self, addresses: list[str]) -> None:
+        """Restart the workers at ``addresses`` from another thread: it takes seconds.
+
+        Meanwhile the lifecycle goes on (other steps' limits, the call's
+        deadline, cancellation). The step is over for the call already: its
+        task is cancelled and its key released.
+        """
+        if addresses:
+            thread = threading.Thread(
+                target=self._restart, args=(addresses,), name="procorch-dask-restart", daemon=True
+            )
+            thread.start()
+            self._restarts.append(thread)
 
     def _restart(self, addresses: list[str]) -> dict[str, str]:
         """Restart the workers at ``addresses``; what went wrong, by address."""

@@ -568,3 +568,29 @@ def test_dask_calls_leave_nothing_behind_and_are_never_run_again(tmp_path: Path)
     assert after == before
     runs = _runs_by_task(tmp_path)
     assert {task_id: n for task_id, n in runs.items() if task_id != "x" and n != 1} == {}
+
+
+# -- the caller never waits on the cluster -------------------------------------------
+
+
+@pytest.mark.slow
+def test_dask_call_timeout_acts_while_a_worker_restarts(tmp_path: Path, cluster: Any) -> None:
+    """A step past its limit has its worker restarted; the call's deadline still acts on time."""
+    with distributed.Client(cluster, set_as_default=False) as client:
+        start = time.monotonic()
+        out = execute_steps_parallel(
+            GuardExecutor(str(tmp_path)),
+            [spec("a", "c_hang"), spec("b", "c_hang")],
+            step_timeouts={"a": 1.0},
+            call_timeout=3.0,
+            backend=DaskBackend(client),
+        )
+        elapsed = time.monotonic() - start
+        # The restarts go on in the background: let them end before the next test.
+        deadline = time.monotonic() + 60
+        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert elapsed < 3.0 + 1.5, elapsed
+    assert out[0].error is not None and out[0].error.kind == "timeout"
+    assert out[1].error is not None and out[1].error.kind == "timeout"
+    assert "procorch asked for its Dask worker (tcp://" in out[0].output
