@@ -123,31 +123,45 @@ _STOP_LISTENER_SECONDS = 5.0  # how long close() waits for the listener to hear 
 class DaskBackend:
     """Run steps on a Dask ``distributed`` cluster instead of local processes.
 
-    Give it a ``distributed.Client``, or the scheduler's address (a client is
-    then made and closed with each call). Workers with one thread each give
-    the cleanest crash attribution (see the module notes).
+    Give it a ``distributed.Client``; or the scheduler's address, or a
+    cluster object (``LocalCluster``, ``SLURMCluster``, ``KubeCluster``:
+    anything with a ``scheduler_address``), and a client is then made and
+    closed with each call, with ``security`` (a ``distributed.Security``,
+    for TLS; a cluster object's own by default). Workers with one thread
+    each give the cleanest crash attribution (see the module notes).
     """
 
     supported_guards = DASK_GUARDS
     name = "the Dask backend"
 
-    def __init__(self, client_or_address: Any) -> None:
+    def __init__(self, client_or_address: Any, *, security: Any = None) -> None:
         try:
             import distributed
         except ImportError as exc:  # pragma: no cover - the extra is not installed
             raise ImportError(
                 "the Dask backend needs the dask extra: pip install 'procorch[dask]'"
             ) from exc
+        self.security = security
         if isinstance(client_or_address, str):
             self.address: str | None = client_or_address
             self.client: Any = None
         elif isinstance(client_or_address, distributed.Client):
+            if security is not None:
+                raise ValueError(
+                    "security is for a scheduler address or a cluster: a Client has its own"
+                )
             self.address = None
             self.client = client_or_address
+        elif isinstance(getattr(client_or_address, "scheduler_address", None), str):
+            self.address = client_or_address.scheduler_address
+            self.client = None
+            if security is None:
+                self.security = getattr(client_or_address, "security", None)
         else:
+            got = type(client_or_address).__name__
             raise TypeError(
-                "DaskBackend takes a distributed.Client or a scheduler address "
-                f"(got {type(client_or_address).__name__})"
+                "DaskBackend takes a distributed.Client, a cluster object (with a "
+                f"scheduler_address) or a scheduler address (got {got})"
             )
 
     def __repr__(self) -> str:
@@ -310,7 +324,10 @@ class _DaskSteps:
         else:
             try:
                 self._client = distributed.Client(  # type: ignore[no-untyped-call]
-                    self.factory.address, set_as_default=False, timeout="10s"
+                    self.factory.address,
+                    set_as_default=False,
+                    timeout="10s",
+                    security=self.factory.security,
                 )
             except (OSError, TimeoutError) as exc:
                 raise ConnectionError(
