@@ -9,7 +9,7 @@ deadline, cancellation, SIGTERM unwinding, the failure sentences
 (``_messages``) and the events.
 
 Data flow for one call (``token`` is the call's random id; every name the
-call leaves on the cluster, keys, queue and topic, carries it)::
+call leaves on the cluster, keys and queue, carries it)::
 
     open:         client.submit(_executor_bytes)    one task; each worker fetches it once
     start_ready:  steps.take(n) -> client.submit(_run_on_worker, token, <executor task>,
@@ -18,10 +18,10 @@ call leaves on the cluster, keys, queue and topic, carries it)::
         start (key, step, run id, pid, address)   --Queue.put, synchronous-->  the call's
         run_step(...)                                                           queue on the
         end (the same, Done frame, every progress frame) --Queue.put-------->  scheduler
-        each emit: (key, run id, number, Progress frame) --log_event--> the call's topic
+        each emit: (key, run id, number, Progress frame) --Queue.put, synchronous--> the queue
     parent threads, each only putting news on one queue and waking the lifecycle:
-        listener        Queue.get            -> ("run", start or end, receive time), ("barrier", n)
-        topic handler   subscribe_topic      -> ("progress", event)
+        listener        Queue.get            -> ("run", start or end, receive time),
+                                                ("progress", event), ("barrier", n)
         done callback   a task that failed   -> ("failed", task, exception)
     poll() (the calling thread) reads the news in order, each matched by key and run id:
         start                    --> steps.started
@@ -43,11 +43,16 @@ call leaves on the cluster, keys, queue and topic, carries it)::
   by the trip through the scheduler, so a time limit counts a little
   generously, never early. (Should an end come without its start, the start
   is placed at the end's arrival minus the duration the worker measured.)
-- Progress travels twice: live through ``log_event``, and in the end message.
-  Every event names its task's key, its run and its number in that run: a
-  live one is reported only for the run the lifecycle knows as started and
-  only in order; the end reports the rest; a late or stale one is dropped by
-  those names.
+- Progress travels twice: live on the same queue, after its run's start and
+  in order, and in the end message (should a live put fail). Every event
+  names its task's key, its run and its number in that run: a live one is
+  reported only for the run the lifecycle knows as started and only in
+  order; the end reports the rest; a late or stale one is dropped by those
+  names.
+- The call leaves nothing behind: at its end its futures are released (a
+  finished step is never computed again when a worker holding its result
+  dies), its executor task cancelled, and its queue dropped from the
+  scheduler, whoever still holds it (``_forget_on_scheduler``).
 
 Crash attribution: a worker that dies makes the scheduler suspect every task
 it held, running or merely queued there, and after
@@ -118,31 +123,45 @@ _STOP_LISTENER_SECONDS = 5.0  # how long close() waits for the listener to hear 
 class DaskBackend:
     """Run steps on a Dask ``distributed`` cluster instead of local processes.
 
-    Give it a ``distributed.Client``, or the scheduler's address (a client is
-    then made and closed with each call). Workers with one thread each give
-    the cleanest crash attribution (see the module notes).
+    Give it a ``distributed.Client``; or the scheduler's address, or a
+    cluster object (``LocalCluster``, ``SLURMCluster``, ``KubeCluster``:
+    anything with a ``scheduler_address``), and a client is then made and
+    closed with each call, with ``security`` (a ``distributed.Security``,
+    for TLS; a cluster object's own by default). Workers with one thread
+    each give the cleanest crash attribution (see the module notes).
     """
 
     supported_guards = DASK_GUARDS
     name = "the Dask backend"
 
-    def __init__(self, client_or_address: Any) -> None:
+    def __init__(self, client_or_address: Any, *, security: Any = None) -> None:
         try:
             import distributed
         except ImportError as exc:  # pragma: no cover - the extra is not installed
             raise ImportError(
                 "the Dask backend needs the dask extra: pip install 'procorch[dask]'"
             ) from exc
+        self.security = security
         if isinstance(client_or_address, str):
             self.address: str | None = client_or_address
             self.client: Any = None
         elif isinstance(client_or_address, distributed.Client):
+            if security is not None:
+                raise ValueError(
+                    "security is for a scheduler address or a cluster: a Client has its own"
+                )
             self.address = None
             self.client = client_or_address
+        elif isinstance(getattr(client_or_address, "scheduler_address", None), str):
+            self.address = client_or_address.scheduler_address
+            self.client = None
+            if security is None:
+                self.security = getattr(client_or_address, "security", None)
         else:
+            got = type(client_or_address).__name__
             raise TypeError(
-                "DaskBackend takes a distributed.Client or a scheduler address "
-                f"(got {type(client_or_address).__name__})"
+                "DaskBackend takes a distributed.Client, a cluster object (with a "
+                f"scheduler_address) or a scheduler address (got {got})"
             )
 
     def __repr__(self) -> str:
@@ -160,18 +179,31 @@ def _executor_bytes(blob: bytes) -> bytes:
     return blob
 
 
-def _queue_name(topic: str) -> str:
-    return f"{topic}-runs"
+def _forget_on_scheduler(queue_name: str, dask_scheduler: Any = None) -> None:
+    """On the scheduler at a call's end: drop the call's queue, whoever still holds it.
+
+    ``distributed`` has no public way to delete a queue: it lives while any
+    ``Queue`` object made for it is not closed, and each run of a step on a
+    worker makes one. It is named by the call's random token, so nothing
+    else can be using it.
+    """
+    queues = getattr(dask_scheduler, "extensions", {}).get("queues")
+    if queues is not None:
+        queues.queues.pop(queue_name, None)
+        queues.client_refcount.pop(queue_name, None)
 
 
 class _DaskSink:
-    """A Dask worker's event sink: each event goes live through log_event, and into the end."""
+    """A Dask worker's event sink: each event goes live on the call's queue, and into the end.
 
-    def __init__(
-        self, worker: Any, topic: str, key: str, run: str, step: int, attempt: int
-    ) -> None:
-        self._worker = worker
-        self._topic = topic
+    The live put is synchronous, after the run's start on the same road: the
+    caller reads every event in order, after its start. (``log_event`` is
+    batched: its events overtook the start, and a topic outlives the call.)
+    A put costs a round trip to the scheduler, about a millisecond.
+    """
+
+    def __init__(self, runs: Any, key: str, run: str, step: int, attempt: int) -> None:
+        self._runs = runs
         self._key = key
         self._run = run
         self._step = step
@@ -187,7 +219,10 @@ class _DaskSink:
                 return
             self.frames.append(frame)
             message = {"k": self._key, "r": self._run, "n": len(self.frames), "f": frame}
-            self._worker.log_event(self._topic, message)
+            try:
+                self._runs.put(message)
+            except Exception:  # the scheduler is away: the end carries the event
+                pass
 
     def close(self) -> None:
         with self._lock:
@@ -195,7 +230,7 @@ class _DaskSink:
 
 
 def _run_on_worker(
-    token: str, blob: bytes, spec_bytes: bytes, step: int, attempt: int, key: str, topic: str
+    token: str, blob: bytes, spec_bytes: bytes, step: int, attempt: int, key: str, queue_name: str
 ) -> None:
     """One run of a step on a Dask worker; ``attempt`` is the one it was submitted as.
 
@@ -210,9 +245,9 @@ def _run_on_worker(
     worker = get_worker()
     run = uuid.uuid4().hex  # Dask may run this task again elsewhere: each run has its own name
     who = {"k": key, "i": step, "r": run, "pid": os.getpid(), "w": worker.address}
-    runs = Queue(_queue_name(topic))  # type: ignore[no-untyped-call]
+    runs = Queue(queue_name)  # type: ignore[no-untyped-call]
     runs.put(who)  # type: ignore[no-untyped-call]
-    sink = _DaskSink(worker, topic, key, run, step, attempt)
+    sink = _DaskSink(runs, key, run, step, attempt)
     outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
     sink.close()
     done = encode(Done(step, attempt, outcome, duration))
@@ -259,7 +294,7 @@ class _DaskSteps:
         self.blob = blob
         self.token = token
         self.options = options
-        self.topic = f"procorch-{token}"
+        self.queue_name = f"procorch-{token}-runs"
         self.slots = 1
         self.steps: StepLifecycle | None = None
         self.tasks: dict[int, _Task] = {}  # in flight, by step index
@@ -275,6 +310,7 @@ class _DaskSteps:
         self._runs: Any = None
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
+        self._restarts: list[threading.Thread] = []
 
     # -- the seam ----------------------------------------------------------------------
 
@@ -288,7 +324,10 @@ class _DaskSteps:
         else:
             try:
                 self._client = distributed.Client(  # type: ignore[no-untyped-call]
-                    self.factory.address, set_as_default=False, timeout="10s"
+                    self.factory.address,
+                    set_as_default=False,
+                    timeout="10s",
+                    security=self.factory.security,
                 )
             except (OSError, TimeoutError) as exc:
                 raise ConnectionError(
@@ -300,9 +339,8 @@ class _DaskSteps:
         self._executor = self._client.submit(
             _executor_bytes, self.blob, pure=False, key=f"procorch-executor-{self.token}"
         )
-        self._client.subscribe_topic(self.topic, self._on_topic)
         self._runs = distributed.Queue(  # type: ignore[no-untyped-call]
-            _queue_name(self.topic), client=self._client
+            self.queue_name, client=self._client
         )
         self._listener = threading.Thread(
             target=self._listen, name="procorch-dask-runs", daemon=True
@@ -350,24 +388,21 @@ class _DaskSteps:
         if task is None:
             return StopFacts()
         self._cancel([task])
-        problems = self._restart([task.address] if task.address else [])
-        return StopFacts(
-            pid=task.pid,
-            stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
-        )
+        self._forget(task)
+        self._restart_later([task.address] if task.address else [])
+        return StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
 
     def stop_all(self) -> dict[int, StopFacts]:
         tasks = list(self.tasks.values())
         self.tasks.clear()
         self.killed.clear()
         self._cancel(tasks)
+        for task in tasks:
+            self._forget(task)
         running = [task for task in tasks if task.run is not None]
-        problems = self._restart(sorted({task.address for task in running if task.address}))
+        self._restart_later(sorted({task.address for task in running if task.address}))
         return {
-            task.index: StopFacts(
-                pid=task.pid,
-                stopped=_messages.dask_restarted(task.address, problems.get(task.address or "")),
-            )
+            task.index: StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
             for task in running
         }
 
@@ -383,13 +418,32 @@ class _DaskSteps:
         finally:
             self._closing.set()
             self._stop_listener()
-            try:
-                client.unsubscribe_topic(self.topic)
-                client.cancel([self._executor], force=True)
-            except Exception:  # the client or the scheduler is already gone
-                pass
+            self._leave(client)
             if self._owns_client:
+                # Its restarts would end with it: let them be asked for first.
+                for thread in self._restarts:
+                    thread.join(timeout=_RESTART_SECONDS)
                 client.close()
+
+    def _leave(self, client: Any) -> None:
+        """Leave nothing of the call behind: its futures and its queue."""
+        for task in list(self.tasks.values()):
+            self._forget(task)
+        self.killed.clear()
+        try:
+            client.cancel([self._executor], force=True)
+        except Exception:  # the client or the scheduler is already gone
+            pass
+        self._executor = None
+        self.blob = b""  # the call's objects form cycles: do not wait for the collector
+        runs, self._runs = self._runs, None
+        try:
+            client.run_on_scheduler(_forget_on_scheduler, self.queue_name)
+        except Exception:  # the scheduler is gone, or refuses to run functions
+            try:
+                runs.close()  # our own hold on it, at least
+            except Exception:
+                pass
 
     # -- sending -------------------------------------------------------------------------
 
@@ -413,7 +467,7 @@ class _DaskSteps:
             index,
             attempt,
             key,
-            self.topic,
+            self.queue_name,
             pure=False,
             key=key,
         )
@@ -421,12 +475,35 @@ class _DaskSteps:
         self.tasks[index] = task
         future.add_done_callback(lambda done, task=task: self._task_done(task, done))
 
+    def _forget(self, task: _Task) -> None:
+        """The task is over for this call: out of flight, its key released (never run again)."""
+        if self.tasks.get(task.index) is task:
+            del self.tasks[task.index]
+        try:
+            task.future.release()
+        except Exception:  # the client is closing: its futures go with it
+            pass
+
     def _cancel(self, tasks: list[_Task]) -> None:
         if tasks:
             try:
                 self._client.cancel([task.future for task in tasks], force=True)
             except Exception:  # the client is closing: its futures go with it
                 pass
+
+    def _restart_later(self, addresses: list[str]) -> None:
+        """Restart the workers at ``addresses`` from another thread: it takes seconds.
+
+        Meanwhile the lifecycle goes on (other steps' limits, the call's
+        deadline, cancellation). The step is over for the call already: its
+        task is cancelled and its key released.
+        """
+        if addresses:
+            thread = threading.Thread(
+                target=self._restart, args=(addresses,), name="procorch-dask-restart", daemon=True
+            )
+            thread.start()
+            self._restarts.append(thread)
 
     def _restart(self, addresses: list[str]) -> dict[str, str]:
         """Restart the workers at ``addresses``; what went wrong, by address."""
@@ -448,7 +525,7 @@ class _DaskSteps:
         self._steps().wake()
 
     def _listen(self) -> None:
-        """Relay the messages of the call's queue (starts, ends, barriers), until closed."""
+        """Relay the call's queue (starts, progress, ends, barriers) as news, until closed."""
         runs = self._runs
         while not self._closing.is_set():
             try:
@@ -466,6 +543,8 @@ class _DaskSteps:
                     return
                 if "b" in message:
                     self._tell(("barrier", message["b"]))
+                elif "f" in message:
+                    self._tell(("progress", message))
                 else:
                     self._tell(("run", message, at))
 
@@ -478,9 +557,6 @@ class _DaskSteps:
         except Exception:  # the scheduler is gone: so is the listener's wait, soon
             pass
         listener.join(timeout=_STOP_LISTENER_SECONDS)
-
-    def _on_topic(self, event: Any) -> None:  # the client's thread
-        self._tell(("progress", event[1] if isinstance(event, tuple) else event))
 
     def _task_done(self, task: _Task, future: Any) -> None:  # Dask's callback thread
         # A finished task's news came through the queue; only a failure is news here.
@@ -540,11 +616,7 @@ class _DaskSteps:
         self._steps().progress(task.index, task.attempt, frame.data)
 
     def _on_done(self, task: _Task, message: dict[str, Any], at: float) -> None:
-        del self.tasks[task.index]
-        try:  # its key is released: Dask must not run it again if a worker dies now
-            task.future.release()
-        except Exception:  # the client is closing
-            pass
+        self._forget(task)  # its key released: Dask must not run it again if a worker dies now
         self.suspected.pop(task.index, None)
         steps = self._steps()
         run, pid, address = message["r"], message["pid"], message["w"]
@@ -576,7 +648,7 @@ class _DaskSteps:
         if isinstance(exc, KilledWorker):
             self.killed.append(_Killed(task, exc))  # judged on the evidence: see the module notes
             return
-        del self.tasks[task.index]
+        self._forget(task)
         steps = self._steps()
         if task.run is None:
             steps.gave_back([task.index], death=(None, None, _messages.dask_task_ended(exc)))
@@ -609,7 +681,7 @@ class _DaskSteps:
             index = task.index
             if self.tasks.get(index) is not task:
                 continue
-            del self.tasks[index]
+            self._forget(task)
             if task.run is None:  # never seen to start: an innocent bystander
                 steps.gave_back([index], death=(None, None, _messages.dask_gave_up(killed.exc)))
                 continue
@@ -646,6 +718,6 @@ class _DaskSteps:
                 message = news[1]
                 task = self._current(message["i"], message["k"])
                 if task is not None and "d" in message:
-                    del self.tasks[task.index]  # over: nothing to stop
+                    self._forget(task)  # over: nothing to stop
                 elif task is not None:
                     task.run, task.pid, task.address = message["r"], message["pid"], message["w"]

@@ -277,13 +277,11 @@ def dask_gave_up(exc: BaseException) -> str:
     return f"The Dask scheduler gave up on it each time: {_exception(exc)}"
 
 
-def dask_restarted(address: str | None, problem: str | None = None) -> str:
-    """What was done to stop a step running on a Dask worker (``StopFacts.stopped``)."""
-    if problem is None:
-        return f"its Dask worker ({address}) was restarted"
+def dask_restarting(address: str | None) -> str:
+    """How a step running on a Dask worker is stopped (``StopFacts.stopped``), without waiting."""
     return (
-        f"procorch asked for its Dask worker ({address}) to be restarted, which failed "
-        f"({problem}): the step may still be running there"
+        f"procorch asked for its Dask worker ({address}) to be restarted "
+        "(a worker without a nanny cannot be, and the step may then still be running there)"
     )
 
 

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -62,9 +63,6 @@ _crash_channel: Connection | None = None
 _capture_fd: int | None = None  # the lane's capture file, once opened
 _saved_std_fds: tuple[int, int] | None = None  # fds 1 and 2 from before capture
 _capture_path: str = ""
-_executor_token: str | None = None
-_executor: Any = None
-_executor_error: BaseException | None = None
 _containment: StepContainment | None = None  # set by _init
 _control: Connection | None = None  # the parent's soft time limits arrive here
 _current: tuple[int, int] | None = None  # (step, attempt) while the executor runs it
@@ -211,34 +209,92 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def _load_executor(token: str, blob: bytes | None) -> Any:
-    """The call's executor, unpickled on the first step of each call only.
+class _Built:
+    """One call's executor in a worker, or why it could not be rebuilt; ready once built."""
+
+    __slots__ = ("error", "executor", "ready")
+
+    def __init__(self) -> None:
+        self.executor: Any = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+
+
+class _ExecutorCache:
+    """The executors of the calls this process serves, by call token.
+
+    A lane's worker serves one call at a time; a Dask worker with several
+    threads serves steps of several calls at once, on any of its threads. So
+    each call's executor is kept under its own token (a random id per call:
+    two callers cannot share one), unpickled once per process by the first
+    thread that needs it while the others wait for it, and the last few are
+    kept, least recently used first out. A larger ``size`` keeps more idle
+    callers' executors in memory; a smaller one makes more than ``size``
+    concurrent callers on one worker unpickle theirs again, now and then.
+
+    The lanes' case, the same token step after step, takes no lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._built: OrderedDict[str, _Built] = OrderedDict()
+        self._last: tuple[str, _Built] | None = None  # read without the lock
+
+    def get(self, token: str, blob: bytes | None) -> _Built:
+        last = self._last
+        if last is not None and last[0] == token and last[1].ready.is_set():
+            return last[1]
+        with self._lock:
+            built = self._built.get(token)
+            mine = built is None
+            if built is None:
+                built = self._built[token] = _Built()
+                while len(self._built) > self._size:
+                    self._built.popitem(last=False)
+            else:
+                self._built.move_to_end(token)
+        if mine:
+            try:
+                if blob is None:  # the parent believed this worker had it: a bug
+                    raise RuntimeError("the executor was never sent to this worker")
+                built.executor = cloudpickle.loads(blob)
+            except BaseException as exc:
+                built.error = exc
+            finally:
+                built.ready.set()
+        else:
+            built.ready.wait()
+        self._last = (token, built)
+        return built
+
+
+# Enough for a few callers at once on one Dask worker; each kept executor
+# holds its memory until pushed out.
+_EXECUTORS_KEPT = 8
+_executors = _ExecutorCache(_EXECUTORS_KEPT)
+
+
+def _load_executor(token: str, blob: bytes | None) -> _Built:
+    """The call's executor, unpickled on its first step in this process only.
 
     An executor that cannot be rebuilt fails every step of the call with the
-    same error; it is kept as that error's text, not re-raised (a re-raised
+    same error; it is kept as that error, never re-raised (a re-raised
     exception would grow its traceback with every step).
     """
-    global _executor_token, _executor, _executor_error
-    if token != _executor_token:
-        _executor, _executor_error, _executor_token = None, None, token
-        try:
-            if blob is None:  # the parent believed this worker had it: a bug
-                raise RuntimeError("the executor was never sent to this worker")
-            _executor = cloudpickle.loads(blob)
-        except BaseException as exc:
-            _executor_error = exc
-    return _executor
+    return _executors.get(token, blob)
 
 
 def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> StepOutcome:
-    executor = _load_executor(token, blob)
-    if _executor_error is not None:
+    built = _load_executor(token, blob)
+    if built.error is not None:
         return _failure(
             spec,
             "serialization",
-            _messages.executor_not_rebuilt(spec, _executor_error),
-            _executor_error,
+            _messages.executor_not_rebuilt(spec, built.error),
+            built.error,
         )
+    executor = built.executor
     global _current
     try:
         _current = _running

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,9 +28,12 @@ from helpers import (
 )
 
 from procorch import (
+    AgentExecutor,
+    AgentStepSpec,
     CancelToken,
     DaskBackend,
     Event,
+    EventSink,
     RetryPolicy,
     StepCrashed,
     StepFinished,
@@ -384,3 +391,238 @@ def test_dask_own_reruns_are_uncharged_attempts() -> None:
     reruns = [e.reason for e in seen if isinstance(e, StepRerun)]
     assert [reason.endswith("Dask runs it again") for reason in reruns] == [True, False, True]
     assert [type(e).__name__ for e in seen][-2:] == ["StepCrashed", "StepFinished"]
+
+
+# -- many threads per worker, many callers ----------------------------------------------
+
+
+def _rebuild_named(name: str, log_path: str) -> NamedExecutor:
+    with open(log_path, "a") as log:
+        log.write(f"{os.getpid()} {name}\n")
+    return NamedExecutor(name, log_path)
+
+
+class NamedExecutor(AgentExecutor):
+    """Answers every step with its own name; each unpickling appends "pid name" to ``log_path``."""
+
+    def __init__(self, name: str, log_path: str) -> None:
+        self.name = name
+        self.log_path = log_path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_named, (self.name, self.log_path))
+
+    def concurrency_hint(self) -> int:
+        return 8
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        time.sleep(0.01)
+        return StepOutcome(
+            task_id=spec.task_id,
+            session_id=spec.task_id,
+            agent=spec.agent,
+            output=self.name,
+            success=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def threaded_client() -> Iterator[object]:
+    """A client of two worker processes with four threads each, as Dask gives by default."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=4,
+            processes=True,
+            dashboard_address=":0",  # the module's cluster holds the default port
+            host="127.0.0.1",
+        ) as local,
+        distributed.Client(local, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def test_dask_four_threads_per_worker_run_every_step(
+    tmp_path: Path, threaded_client: object
+) -> None:
+    """100 steps on 4-thread workers all succeed, with one unpickling per worker process."""
+    log = tmp_path / "unpickled"
+    out = execute_steps_parallel(
+        NamedExecutor("solo", str(log)),
+        [spec(str(i)) for i in range(100)],
+        backend=DaskBackend(threaded_client),
+    )
+    assert [o.output for o in out] == ["solo"] * 100, [o.output for o in out if not o.success]
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(set(lines)) <= 2
+
+
+def test_dask_concurrent_callers_each_get_their_own_executor(
+    tmp_path: Path, threaded_client: object
+) -> None:
+    """Two callers from one process at once on 4-thread workers: each step runs its caller's."""
+    log = tmp_path / "unpickled"
+    backend = DaskBackend(threaded_client)
+    with ThreadPoolExecutor(2) as pool:
+        runs = {
+            name: pool.submit(
+                execute_steps_parallel,
+                NamedExecutor(name, str(log)),
+                [spec(f"{name}-{i}") for i in range(60)],
+                backend=backend,
+            )
+            for name in ("alice", "bob")
+        }
+        outputs = {name: [o.output for o in run.result()] for name, run in runs.items()}
+    assert outputs == {"alice": ["alice"] * 60, "bob": ["bob"] * 60}
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(set(lines)) <= 4  # once per worker process and caller
+
+
+# -- nothing left behind ------------------------------------------------------------------
+
+
+def _procorch_state(dask_scheduler: Any = None) -> dict[str, int]:
+    """What procorch calls hold on the scheduler: queues, their users, topics, events, tasks."""
+    queues = dask_scheduler.extensions["queues"]
+    topics = {name: t for name, t in dask_scheduler._broker._topics.items() if "procorch" in name}
+    return {
+        "queues": sum("procorch" in name for name in queues.queues),
+        "queue users": sum(n for name, n in queues.client_refcount.items() if "procorch" in name),
+        "topics": len(topics),
+        "events": sum(len(topic.events) for topic in topics.values()),
+        "tasks": sum("procorch" in str(key) for key in dask_scheduler.tasks),
+    }
+
+
+def _client_state(client: Any) -> dict[str, int]:
+    return {
+        "handlers": sum("procorch" in topic for topic in client._event_handlers),
+        "futures": sum("procorch" in str(key) for key in client.futures),
+    }
+
+
+class CountingExecutor(AgentExecutor):
+    """Writes a new file ``<task_id>.<random>`` in ``run_dir`` per run; agent 'segfault' crashes."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def concurrency_hint(self) -> int:
+        return 2
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        (Path(self.run_dir) / f"{spec.task_id}.{uuid.uuid4().hex}").touch()
+        if spec.agent == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        events.emit("ran")
+        return StepOutcome(
+            task_id=spec.task_id, session_id=spec.task_id, agent=spec.agent, output="", success=True
+        )
+
+
+def _runs_by_task(run_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in run_dir.iterdir():
+        task_id = path.name.split(".")[0]
+        counts[task_id] = counts.get(task_id, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_dask_calls_leave_nothing_behind_and_are_never_run_again(tmp_path: Path) -> None:
+    """30 calls then a crashing one: the scheduler and client hold nothing of them, none re-ran."""
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # the module's cluster holds the default port
+            host="127.0.0.1",
+        ) as local,
+        distributed.Client(local, set_as_default=False) as client,
+    ):
+        backend = DaskBackend(client)
+        before = client.run_on_scheduler(_procorch_state), _client_state(client)
+        for call in range(30):
+            out = execute_steps_parallel(
+                CountingExecutor(str(tmp_path)),
+                [spec(f"c{call}s{i}") for i in range(4)],
+                events=lambda event: None,
+                backend=backend,
+            )
+            assert all(o.success for o in out)
+        out = execute_steps_parallel(
+            CountingExecutor(str(tmp_path)),
+            [spec("x", "segfault"), spec("last")],
+            backend=backend,
+        )
+        assert out[0].error is not None and out[0].error.kind == "crash" and out[1].success
+        # Releases travel on the client's batched stream: give them a moment to arrive.
+        deadline = time.monotonic() + 10
+        while True:
+            after = client.run_on_scheduler(_procorch_state), _client_state(client)
+            if after == before or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert after == before
+    runs = _runs_by_task(tmp_path)
+    assert {task_id: n for task_id, n in runs.items() if task_id != "x" and n != 1} == {}
+
+
+# -- the caller never waits on the cluster -------------------------------------------
+
+
+@pytest.mark.slow
+def test_dask_call_timeout_acts_while_a_worker_restarts(tmp_path: Path, cluster: Any) -> None:
+    """A step past its limit has its worker restarted; the call's deadline still acts on time."""
+    with distributed.Client(cluster, set_as_default=False) as client:
+        start = time.monotonic()
+        out = execute_steps_parallel(
+            GuardExecutor(str(tmp_path)),
+            [spec("a", "c_hang"), spec("b", "c_hang")],
+            step_timeouts={"a": 1.0},
+            call_timeout=3.0,
+            backend=DaskBackend(client),
+        )
+        elapsed = time.monotonic() - start
+        # The restarts go on in the background: let them end before the next test
+        # (a restarted worker comes back at another address).
+        stopped = set(re.findall(r"Dask worker \((tcp://[^)]+)\)", out[0].output + out[1].output))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = set(client.scheduler_info()["workers"])
+            if len(workers) == 2 and not workers & stopped:
+                break
+            time.sleep(0.1)
+    assert elapsed < 3.0 + 2.5, elapsed  # 10.5 s when the restart was waited for
+    assert out[0].error is not None and out[0].error.kind == "timeout"
+    assert out[1].error is not None and out[1].error.kind == "timeout"
+    assert "procorch asked for its Dask worker (tcp://" in out[0].output
+
+
+# -- what DaskBackend takes --------------------------------------------------------------
+
+
+def test_dask_backend_takes_a_cluster_object(tmp_path: Path, cluster: Any) -> None:
+    """A cluster object (anything with a scheduler_address) is a backend: a client per call."""
+    backend = DaskBackend(cluster)
+    assert backend.address == cluster.scheduler_address
+    out = execute_steps_parallel(SeedExecutor(2, tmp_path), [spec("a"), spec("b")], backend=backend)
+    assert [o.success for o in out] == [True, True]
+
+
+def test_dask_backend_passes_security_to_its_client(tmp_path: Path, cluster: Any) -> None:
+    """An address with security= makes its client with it (here an empty one, no TLS)."""
+    backend = DaskBackend(cluster.scheduler_address, security=distributed.Security())
+    out = execute_steps_parallel(SeedExecutor(2, tmp_path), [spec("a")], backend=backend)
+    assert out[0].success
+
+
+def test_dask_backend_refuses_what_it_cannot_use(backend: DaskBackend) -> None:
+    """Neither a client, a cluster nor an address; security beside a Client."""
+    with pytest.raises(TypeError, match=r"takes a distributed\.Client, a cluster object"):
+        DaskBackend(42)
+    with pytest.raises(ValueError, match="security is for a scheduler address or a cluster"):
+        DaskBackend(backend.client, security=distributed.Security())
