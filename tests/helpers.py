@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -103,6 +104,33 @@ def _wait_for_peers(barrier_dir: str, parties: int, deadline: float = 30.0) -> N
     end = time.monotonic() + deadline
     while len(os.listdir(barrier_dir)) < parties and time.monotonic() < end:
         time.sleep(0.005)
+
+
+class RendezvousExecutor(AgentExecutor):
+    """Keeps the default concurrency hint; records each step's span like SeedExecutor.
+
+    Each step waits (30 s at most) until ``parties`` steps have started, so that
+    they overlap however slowly the workers start; a step of agent 'last' also
+    waits (60 s at most) until some other step has finished.
+    """
+
+    def __init__(self, record_dir: Path, parties: int) -> None:
+        self.record_dir = Path(record_dir)
+        self.parties = parties
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        start = time.monotonic()
+        barrier = self.record_dir / "barrier"
+        barrier.mkdir(exist_ok=True)
+        _wait_for_peers(str(barrier), self.parties)
+        deadline = time.monotonic() + 60
+        while spec.agent == "last" and not list(self.record_dir.glob("*.json")):
+            assert time.monotonic() < deadline, "no other step finished"
+            time.sleep(0.01)
+        record = {"task_id": spec.task_id, "pid": os.getpid(), "start": start}
+        record["end"] = time.monotonic()
+        (self.record_dir / f"{spec.task_id}.json").write_text(json.dumps(record))
+        return ok_outcome(spec)
 
 
 class FaultyExecutor(AgentExecutor):
@@ -237,7 +265,8 @@ class GuardExecutor(AgentExecutor):
     print_then_segfault, print_megabytes, flaky (fails until its attempt
     number in ``state_dir`` reaches ``succeed_on``; each attempt's file holds
     when it started, by the machine's monotonic clock), always_raise,
-    always_crash, slow. Pids of workers and grandchildren go to ``state_dir``.
+    always_crash (each attempt's file holds its worker's pid), slow. Pids of
+    workers and grandchildren go to ``state_dir``.
     """
 
     def __init__(
@@ -302,9 +331,11 @@ class GuardExecutor(AgentExecutor):
             Path(self.state_dir, f"try-{spec.task_id}-{attempt}").write_text(repr(started))
             if attempt < self.succeed_on:
                 raise ConnectionError(f"attempt {attempt} failed")
-        elif agent == "always_raise":
-            raise ConnectionError("never works")
-        elif agent == "always_crash":
+        elif agent in ("always_raise", "always_crash"):
+            attempt = len(list(Path(self.state_dir).glob(f"try-{spec.task_id}-*"))) + 1
+            Path(self.state_dir, f"try-{spec.task_id}-{attempt}").write_text(str(os.getpid()))
+            if agent == "always_raise":
+                raise ConnectionError(f"attempt {attempt} never works")
             ctypes.string_at(0)
         elif agent == "slow":
             time.sleep(0.3)
@@ -324,7 +355,10 @@ class StructuredExecutor(AgentExecutor):
 
 
 class JournaledExecutor(AgentExecutor):
-    """Appends 'start <task_id>' and, ``sleep`` seconds later, 'finish <task_id>' to a log."""
+    """Appends 'start <task_id>' and, ``sleep`` seconds later, 'finish <task_id>' to a log.
+
+    A step of agent 'fail' then returns a failed outcome; the others succeed.
+    """
 
     def __init__(self, log_path: str, sleep: float = 0.3, hint: int = 2) -> None:
         self.log_path = log_path
@@ -342,6 +376,8 @@ class JournaledExecutor(AgentExecutor):
         self._log(f"start {spec.task_id}")
         time.sleep(self.sleep)
         self._log(f"finish {spec.task_id}")
+        if spec.agent == "fail":
+            return StepOutcome.failed(spec.task_id, spec.agent, "asked to fail")
         return ok_outcome(spec)
 
 
@@ -442,6 +478,52 @@ def gone(pids: Iterable[int], within: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def kill_tree(process: subprocess.Popen[Any]) -> None:
+    """Kill ``process`` and every process below it, then reap it: a test's ``finally``.
+
+    Descendants are listed before anything is killed, while they are still attached
+    to the tree, so a worker in a process group of its own is reached all the same.
+    A process that has already ended is only reaped; its pipes are closed either way.
+    """
+    import psutil
+
+    if process.poll() is None:  # once reaped, its pid may name another program
+        try:
+            top = psutil.Process(process.pid)
+            tree = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=10)
+        process.kill()
+    process.wait(timeout=10)
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+def run_to_end(
+    command: list[str], timeout: float, **options: Any
+) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` whose child, and the child's own children, die on timeout too."""
+    input_ = options.pop("input", None)
+    if options.pop("capture_output", False):
+        options.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if input_ is not None:
+        options["stdin"] = subprocess.PIPE
+    process = subprocess.Popen(command, **options)
+    try:
+        stdout, stderr = process.communicate(input_, timeout=timeout)
+    finally:
+        if process.poll() is None:
+            kill_tree(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 class WireTamperingExecutor(AgentExecutor):

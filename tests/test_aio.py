@@ -22,6 +22,7 @@ from procorch import (
 pytestmark = pytest.mark.usefixtures("no_leaked_processes")
 
 
+@pytest.mark.slow
 def test_event_loop_stays_free_while_steps_run() -> None:
     """A ticker task keeps ticking while a batch of slow steps runs."""
 

@@ -23,7 +23,7 @@ from typing import IO
 import msgspec
 import psutil
 import pytest
-from helpers import gone
+from helpers import gone, kill_tree, run_to_end
 
 import procorch
 from procorch import AgentStepSpec, Event, StepFinished, StepOutcome, StepStarted
@@ -49,7 +49,7 @@ def _procorch(
     cwd: Path, *args: str, stdin: str | None = None, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m procorch ARGS`` in ``cwd`` to the end."""
-    return subprocess.run(
+    return run_to_end(
         _command(*args),
         cwd=cwd,
         env=_env(**env),
@@ -150,14 +150,17 @@ def test_run_crash_exits_1_and_the_summary_names_it(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_run_guards_come_from_the_options(tmp_path: Path) -> None:
     """Time limit, memory cap, retries and output capture all reach the engine."""
     state = tmp_path / "state"
     state.mkdir()
+    retries = ("--attempts", "2", "--retry-on", "crash")
+    # Two runs, so that each guard has steps of its own: a hog slowed down by a busy
+    # machine would otherwise meet the time limit before the memory cap.
     steps = [
         ("fine", "ok"),
         ("hog", "hog"),
-        ("stuck", "c_hang"),
         ("noisy", "print_then_raise"),
         ("crashy", "always_crash"),
     ]
@@ -165,12 +168,20 @@ def test_run_guards_come_from_the_options(tmp_path: Path) -> None:
     result = _procorch(
         tmp_path,
         *("run", "cli_executors:make_guard_executor", "specs.jsonl"),
-        *("--step-timeout", "1", "--memory-limit", "256M"),
-        *("--attempts", "2", "--retry-on", "crash", "--capture-output"),
+        *("--memory-limit", "256M", *retries, "--capture-output"),
         PROCORCH_TEST_STATE_DIR=str(state),
     )
     assert result.returncode == 1, result.stderr
-    fine, hog, stuck, noisy, crashy = _outcomes(result.stdout)
+    fine, hog, noisy, crashy = _outcomes(result.stdout)
+    _write_specs(tmp_path / "stuck.jsonl", [("stuck", "c_hang")])
+    result = _procorch(
+        tmp_path,
+        *("run", "cli_executors:make_guard_executor", "stuck.jsonl"),
+        *("--step-timeout", "1", *retries),
+        PROCORCH_TEST_STATE_DIR=str(state),
+    )
+    assert result.returncode == 1, result.stderr
+    [stuck] = _outcomes(result.stdout)
     assert fine.success
     assert hog.error is not None and hog.error.kind == "memory"
     assert hog.error.limit == 256 * 2**20
@@ -235,7 +246,7 @@ def test_run_imports_executors_from_the_current_directory(
     _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "ok")])
     command = [script] if how == "procorch script" and script else _command()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run(
+    result = run_to_end(
         [*command, "run", f"{module}:Local", "specs.jsonl"],
         cwd=tmp_path,
         env=env,
@@ -398,7 +409,11 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=[pytest.mark.slow] if "dask" in case else []) for case in BAD_INPUT],
+    ids=list(BAD_INPUT),
+)
 def test_run_bad_input_exits_2_before_any_step(tmp_path: Path, case: str) -> None:
     """Bad input: exit status 2, one message naming the fault, no traceback, no step run."""
     specs_text, args, message = BAD_INPUT[case]
@@ -436,6 +451,7 @@ PROGRESS_LINE = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_run_progress_is_plain_lines_off_a_terminal(tmp_path: Path) -> None:
     """Standard error not a terminal: periodic plain lines, no carriage return or escape."""
     _write_specs(
@@ -474,6 +490,7 @@ def _read_until_exit(fd: int, process: subprocess.Popen[bytes], within: float = 
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_run_progress_is_redrawn_on_a_terminal(tmp_path: Path) -> None:
     """Standard error a terminal: the progress line is redrawn in place, then erased."""
     _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("slow", "hang"), ("c", "ok")])
@@ -490,6 +507,7 @@ def test_run_progress_is_redrawn_on_a_terminal(tmp_path: Path) -> None:
         shown = _read_until_exit(controller, process).decode()
     finally:
         os.close(controller)
+        kill_tree(process)
     assert process.returncode == 1
     assert "\r\x1b[2K[" in shown
     assert re.search(r"\] \d/3  ok \d  failed \d  crashed \d  running \d", shown)
@@ -536,9 +554,7 @@ def test_run_ctrl_c_exits_130_and_stops_every_worker(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_tree(process)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     interrupted = [line for line in stderr.splitlines() if "interrupted" in line]
@@ -562,6 +578,7 @@ def _journaled(journal: Path) -> int:
             return 0
 
 
+@pytest.mark.slow
 def test_run_resumes_after_sigkill_of_the_command(tmp_path: Path) -> None:
     """Killed with SIGKILL mid-run (on 'another host'), the same command runs only what is left."""
     _write_specs(tmp_path / "specs.jsonl", [(f"t{i}", "ok") for i in range(6)])
@@ -578,12 +595,15 @@ def test_run_resumes_after_sigkill_of_the_command(tmp_path: Path) -> None:
         _command(*args), cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while _journaled(tmp_path / "journal.db") < 2:
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while _journaled(tmp_path / "journal.db") < 2:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        kill_tree(process)
     with sqlite3.connect(tmp_path / "journal.db") as connection:
         done = {row[0] for row in connection.execute("SELECT task_id FROM procorch_steps")}
         # As a run in a container that is gone leaves it: its lease names another host.
@@ -657,9 +677,7 @@ def test_console_script_is_the_same_command(tmp_path: Path) -> None:
     script = _script()
     if script is None:
         pytest.skip("the procorch script is not installed next to this interpreter")
-    installed = subprocess.run(
-        [script, "run", "--help"], capture_output=True, text=True, timeout=60
-    )
+    installed = run_to_end([script, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert installed.returncode == 0
     assert installed.stdout == _procorch(tmp_path, "run", "--help").stdout
 
@@ -671,12 +689,13 @@ def test_no_command_is_bad_usage(tmp_path: Path) -> None:
     assert "usage: procorch" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [["-m", "procorch", "demo"], ["-m", "procorch.demo"]])
 def test_demo_shows_success_failure_crash_and_timeout(
     tmp_path: Path, module: Sequence[str]
 ) -> None:
     """The demo, both ways it is run, shows each kind of end side by side."""
-    result = subprocess.run(
+    result = run_to_end(
         [sys.executable, *module], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
@@ -725,6 +744,7 @@ def _count_in(path: Path, text: str) -> int:
     return path.read_text().count(text) if path.exists() else 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "status", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
@@ -757,9 +777,7 @@ def test_run_stopped_keeps_every_finished_outcome_in_input_order(
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+        kill_tree(process)
     assert process.returncode == status, stderr
     assert stderr.count(word) == 1
     outcomes = _outcomes((tmp_path / "outcomes.jsonl").read_text())
@@ -828,12 +846,7 @@ def test_run_processes_standard_input_while_it_is_written(tmp_path: Path) -> Non
         process.stdin.close()
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+        kill_tree(process)
 
 
 def test_run_stream_stops_at_a_bad_line_keeping_what_ran(tmp_path: Path) -> None:
@@ -848,6 +861,7 @@ def test_run_stream_stops_at_a_bad_line_keeping_what_ran(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.slow
 def test_run_unordered_writes_each_outcome_when_it_ends(tmp_path: Path) -> None:
     """--unordered: a slow first step does not hold back the outcomes of the others."""
     _write_specs(tmp_path / "specs.jsonl", [("slow", "hang"), ("b", "ok"), ("c", "ok")])
@@ -859,6 +873,7 @@ def test_run_unordered_writes_each_outcome_when_it_ends(tmp_path: Path) -> None:
     assert [o.task_id for o in _outcomes(result.stdout)] == ["b", "c", "slow"]
 
 
+@pytest.mark.slow
 def test_run_halt_on_failure_cancels_the_rest(tmp_path: Path) -> None:
     """--halt-on-failure 2: after the second failed step, every step left is cancelled."""
     steps = [("a", "ok"), ("b", "raise"), ("c", "raise")] + [(f"t{n}", "ok") for n in range(8)]
@@ -895,6 +910,7 @@ def test_run_dry_run_checks_everything_and_runs_nothing(tmp_path: Path) -> None:
     assert result.stderr.startswith("procorch: <stdin>:3: JSON is malformed")
 
 
+@pytest.mark.slow
 def test_run_joblog_has_one_line_per_step(tmp_path: Path) -> None:
     """--joblog: a header, then per step its start, duration, attempts, result and worker pid."""
     _write_specs(tmp_path / "specs.jsonl", [("a", "ok"), ("b", "raise"), ("c\tx", "segfault")])
@@ -918,6 +934,7 @@ def test_run_joblog_has_one_line_per_step(tmp_path: Path) -> None:
         assert int(pid) == pids[task_id.replace("\\t", "\t")]
 
 
+@pytest.mark.slow
 def test_run_resumed_says_how_many_steps_were_done(tmp_path: Path) -> None:
     """A resumed run counts the journaled steps apart and its progress over the steps that run."""
     journal = ["--workflow-id", "w", "--journal", "journal.db", "--progress-interval", "0.05"]
@@ -962,9 +979,7 @@ def test_run_step_output_is_printed_above_the_live_line(tmp_path: Path) -> None:
         shown = _read_until_exit(controller, process).decode()
     finally:
         os.close(controller)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_tree(process)
     assert process.returncode == 0
     printed = [m.start() for m in re.finditer(r"(print\(\)|fd 1) from t\d", shown)]
     assert len(printed) == 12
@@ -977,6 +992,7 @@ def test_run_step_output_is_printed_above_the_live_line(tmp_path: Path) -> None:
 # -- the journal from the command line -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_refuses_a_workflow_a_live_run_holds_at_once(tmp_path: Path) -> None:
     """A second run of a workflow that is running: exit 2 at once, naming the holder."""
     _write_specs(tmp_path / "specs.jsonl", [("h", "hang"), ("b", "ok")])
@@ -997,8 +1013,7 @@ def test_run_refuses_a_workflow_a_live_run_holds_at_once(tmp_path: Path) -> None
         second = _procorch(tmp_path, "run", "helpers:FaultyExecutor", "specs.jsonl", *journal)
         assert time.monotonic() - begin < 30  # no lock waited out: the time to start Python
     finally:
-        first.kill()
-        first.wait(timeout=60)
+        kill_tree(first)
     assert second.returncode == 2
     assert second.stderr == (
         f"procorch: workflow 'w' is already being run (by pid {first.pid} on "
@@ -1074,9 +1089,7 @@ def test_run_memory_stays_flat_over_a_long_stream(tmp_path: Path) -> None:
         process.stdin.close()
         assert process.wait(timeout=120) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_tree(process)
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40_000
     growth = max(sizes[2:]) - sizes[2]
     # 0.7 MiB here; keeping each task_id (the repeat check, which a stream skips) made it 4.9.

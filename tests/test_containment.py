@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 from conftest import _workers
-from helpers import EscapingExecutor, gone, running, spec
+from helpers import EscapingExecutor, gone, run_to_end, running, spec
 
 from procorch import execute_steps_parallel
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
 
-@pytest.mark.parametrize("agent", ["ok", "raise", "segfault", "hang"])
+@pytest.mark.parametrize(
+    "agent", ["ok", "raise", "segfault", pytest.param("hang", marks=pytest.mark.slow)]
+)
 def test_daemon_of_a_step_is_gone_when_the_call_returns(tmp_path: Path, agent: str) -> None:
     """A daemonized grandchild dies with its step: success, exception, crash or time limit."""
     executor = EscapingExecutor(str(tmp_path))
@@ -77,14 +79,13 @@ print("contained")
 def test_subreaper_contains_steps_without_cgroups(tmp_path: Path) -> None:
     """With lane cgroups turned off, the worker as subreaper still kills what a step left."""
     import os
-    import subprocess
     import sys
 
     tests = str(Path(__file__).parent)
     code = SUBREAPER_ONLY.format(tests=tests, state=str(tmp_path))
     env = {**os.environ, "PROCORCH_CGROUPS": "0"}
     try:
-        result = subprocess.run(
+        result = run_to_end(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
     finally:
@@ -93,6 +94,7 @@ def test_subreaper_contains_steps_without_cgroups(tmp_path: Path) -> None:
     assert "contained" in result.stdout
 
 
+@pytest.mark.slow
 def test_memory_cap_counts_shared_pages_once() -> None:
     """80 MiB shared with 3 forked children is about 100 MiB, not 400: under a 200 MiB cap."""
     from helpers import SharingExecutor

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FaultyExecutor, UnloadableExecutor, spec
+from helpers import FaultyExecutor, UnloadableExecutor, gone, spec
 
 from procorch import (
     Event,
@@ -201,7 +201,7 @@ def test_worker_killed_while_idle_costs_nothing() -> None:
     warm = {e.pid for e in _started(FaultyExecutor(hint=2), [spec("r")])}
     for pid in warm:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)  # let the kill land before the next call (not waiting for a condition)
+    assert gone(warm)  # the kill has landed: the next call finds its workers dead
     out = _timed_run(FaultyExecutor(hint=2), [spec(str(i)) for i in range(4)], events=remember)
     _assert_ok(out, [str(i) for i in range(4)])
     assert not pids & warm

@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from helpers import run_to_end
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+
+pytestmark = pytest.mark.slow  # each example runs in a fresh interpreter
 
 
 def _run_readme_block(number: int, tmp_path: Path) -> list[str]:
@@ -65,9 +70,7 @@ def _section_block(heading: str) -> str:
 def _run_block(code: str, tmp_path: Path) -> list[str]:
     script = tmp_path / "example.py"
     script.write_text(code)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    result = run_to_end([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -121,7 +124,7 @@ def test_readme_command_line_examples_run_as_shown(tmp_path: Path) -> None:
     command = installed or f"{sys.executable} -m procorch"
     statuses = []
     for script, shown in examples:
-        result = subprocess.run(
+        result = run_to_end(
             ["bash", "-c", script.replace(".venv/bin/procorch", command)],
             cwd=tmp_path,
             stdout=subprocess.PIPE,

@@ -25,6 +25,8 @@ from helpers import (
     ServerKillerExecutor,
     WorkerFactsExecutor,
     gone,
+    kill_tree,
+    running,
     spec,
 )
 
@@ -143,6 +145,7 @@ def test_step_that_kills_the_fork_server_fails_no_other_step(tmp_path: Path, sig
     assert any(p["parent_is_server"] for p in parents)  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_step_that_kills_the_fork_server_and_exits_is_a_crash_of_unknown_code(
     tmp_path: Path,
 ) -> None:
@@ -232,12 +235,13 @@ def test_killed_caller_leaves_no_server_worker_or_grandchild(tmp_path: Path, for
         caller.wait(timeout=BOUND)
         assert gone([*servers, *workers, *executor.pids("grandchild")])
     finally:
+        kill_tree(caller)
         for pid in forked:
-            os.kill(pid, signal.SIGKILL)
-        caller.kill()
-        caller.wait()
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_worker_starts_right_after_its_server_was_killed() -> None:
     """A server SIGKILLed a moment ago looks alive yet refuses; the next start waits it out."""
     context = _context.worker_context()
@@ -309,7 +313,10 @@ def test_lifeline_watcher_thread_kills_its_worker_when_the_caller_goes() -> None
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None and process.stdin is not None
-    assert process.stdout.readline() == "armed\n"
-    stdout, _ = process.communicate("go\n", timeout=BOUND)
+    try:
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == "armed\n"
+        stdout, _ = process.communicate("go\n", timeout=BOUND)
+    finally:
+        kill_tree(process)
     assert stdout.strip() == str(-signal.SIGKILL)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import GuardExecutor, gone, spec
+from helpers import GuardExecutor, gone, kill_tree, run_to_end, running, spec
 
 import procorch
 from procorch import (
     CancelToken,
     Event,
     RetryPolicy,
+    StepCrashed,
     StepFinished,
     StepOutcome,
     StepProgress,
@@ -44,6 +45,7 @@ def _ok(outcomes: list[StepOutcome], task_ids: Iterable[str]) -> None:
 # -- time limits --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agent", ["c_hang", "py_busy"])
 def test_step_timeout_stops_a_stuck_step(tmp_path: Path, agent: str) -> None:
     """A step stuck in C or in a Python loop is killed at its limit; the rest succeed."""
@@ -76,11 +78,15 @@ def test_step_timeouts_override_per_task(tmp_path: Path) -> None:
     assert out[1].error.limit == 0.1
 
 
+@pytest.mark.slow
 def test_call_timeout_returns_on_time(tmp_path: Path) -> None:
     """When the call's limit runs out, running steps time out and queued ones are cancelled."""
     specs = [spec("quick"), spec("h1", "c_hang"), spec("h2", "py_busy"), spec("h3", "c_hang")]
+    executor = GuardExecutor(str(tmp_path))
+    # Workers started beforehand: the limit then bounds the steps, not a busy machine's start-up.
+    assert all(o.success for o in execute_steps_parallel(executor, [spec("w1"), spec("w2")]))
     start = time.monotonic()
-    out = execute_steps_parallel(GuardExecutor(str(tmp_path)), specs, call_timeout=2.0)
+    out = execute_steps_parallel(executor, specs, call_timeout=2.0)
     elapsed = time.monotonic() - start
     assert 1.5 < elapsed < 30
     assert out[0].success
@@ -125,6 +131,9 @@ def test_growing_worker_is_replaced_between_steps(tmp_path: Path) -> None:
     assert all(o.success for o in out)
     pids = [o.structured["pid"] for o in out]
     assert pids[0] != pids[1]
+    assert [e.pid for e in seen if isinstance(e, StepStarted)] == pids
+    assert not [e for e in seen if isinstance(e, (StepCrashed, StepRerun))]  # retired, not lost
+    assert gone([pids[0]])  # the grown worker is gone, not idle beside the new one
 
 
 # -- retries -------------------------------------------------------------------
@@ -164,6 +173,11 @@ def test_retry_gives_up_with_the_last_error(tmp_path: Path) -> None:
         assert not outcome.success and outcome.error is not None
         assert outcome.error.kind == kind
         assert outcome.error.attempts == 2
+    raised, crashed = out[0].error, out[1].error
+    assert raised is not None and crashed is not None
+    assert "attempt 2 never works" in out[0].output and "attempt 1" not in out[0].output
+    assert crashed.pid == int((tmp_path / "try-boom-2").read_text())  # not the first worker's
+    assert crashed.pid != int((tmp_path / "try-boom-1").read_text())
 
 
 def test_retry_only_on_the_kinds_named(tmp_path: Path) -> None:
@@ -317,15 +331,22 @@ def test_signal_in_parent_kills_the_whole_tree(tmp_path: Path, signum: int) -> N
         env={**os.environ, "TMPDIR": str(scratch)},
     )
     executor = GuardExecutor(str(state))
-    deadline = time.monotonic() + 60
-    while len(executor.pids("grandchild")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(executor.pids("grandchild")) == 2
-    tree = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
-    tree |= executor.pids("grandchild")
-    assert list(scratch.glob("procorch-*"))  # the parent's lanes made their directory
-    parent.send_signal(signum)
-    stdout, stderr = parent.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while len(executor.pids("grandchild")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(executor.pids("grandchild")) == 2
+        tree = {p.pid for p in psutil.Process(parent.pid).children(recursive=True)}
+        tree |= executor.pids("grandchild")
+        assert list(scratch.glob("procorch-*"))  # the parent's lanes made their directory
+        parent.send_signal(signum)
+        stdout, stderr = parent.communicate(timeout=60)
+    finally:
+        grandchildren = executor.pids("grandchild")
+        kill_tree(parent)
+        for pid in grandchildren:  # in sessions of their own: out of the parent's tree
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
     assert "KeyboardInterrupt reached the caller" in stdout, stderr
     assert parent.returncode != 0
     assert gone(tree, within=5.0)
@@ -341,6 +362,7 @@ def _our_semaphores() -> set[str]:
     return {name for name in os.listdir("/dev/shm") if f"loky-{os.getpid()}-" in name}
 
 
+@pytest.mark.slow
 def test_shutdown_leaves_no_files_or_semaphores_behind(tmp_path: Path) -> None:
     """After crashes, timeouts and shutdown: no capture files, directory or semaphores remain."""
     before = _scratch_dirs()
@@ -411,7 +433,7 @@ def test_directories_of_killed_callers_are_swept(tmp_path: Path) -> None:
         "import procorch\n"
         f"procorch.execute_steps_parallel(GuardExecutor({str(tmp_path)!r}), [spec('a')])\n"
     )
-    result = subprocess.run(
+    result = run_to_end(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,

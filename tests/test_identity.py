@@ -330,6 +330,7 @@ def test_frozen_idle_worker_is_replaced_and_costs_no_attempt(
     assert not frozen & {e.pid for e in started}
 
 
+@pytest.mark.slow
 def test_worker_frozen_while_running_times_out_alone(tmp_path: Path) -> None:
     """A step that stops its own worker fails as timeout; the other steps succeed."""
     executor = LaneExecutor(str(tmp_path))

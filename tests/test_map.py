@@ -36,6 +36,7 @@ def test_map_survives_a_segfault_on_one_item() -> None:
     assert [r.value for r in results if r.index != 3] == [0, 1, 2, 4, 5]
 
 
+@pytest.mark.slow
 def test_map_reports_exceptions_and_time_limits_as_results() -> None:
     """An exception and a time limit each fail their own item, with a StepError."""
     results = procorch.map(fail_on_two, [0, 1, 2, 3])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.message
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_to_end
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if not (ROOT / "pyproject.toml").exists():
         pytest.skip("not run from a source tree")
     out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run(
+    result = run_to_end(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
         capture_output=True,
         text=True,
@@ -93,7 +93,7 @@ def test_sdist_tests_are_collected(dist: Path, tmp_path: Path) -> None:
     (tree,) = tmp_path.iterdir()
     for helper in ["conftest.py", "helpers.py", "cli_executors.py"]:
         assert (tree / "tests" / helper).exists(), helper
-    result = subprocess.run(
+    result = run_to_end(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=tree,
         capture_output=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import threading
@@ -15,9 +14,11 @@ from helpers import (
     BareExecutor,
     CountingUnpickleExecutor,
     PidExecutor,
+    RendezvousExecutor,
     SeedExecutor,
     peak_overlap,
     read_records,
+    run_to_end,
     spec,
 )
 
@@ -44,9 +45,11 @@ def test_fans_out_in_input_order(tmp_path: Path) -> None:
 
 def test_input_order_holds_when_completion_order_differs(tmp_path: Path) -> None:
     """A slow first step still comes back first."""
-    specs = [spec(str(i)) for i in range(8)]
-    out = execute_steps_parallel(PidExecutor(hint=4), specs)
+    specs = [spec("0", "last"), *(spec(str(i)) for i in range(1, 8))]
+    out = execute_steps_parallel(RendezvousExecutor(tmp_path, parties=1), specs)
     assert [o.task_id for o in out] == [str(i) for i in range(8)]
+    ends = {record["task_id"]: record["end"] for record in read_records(tmp_path)}
+    assert ends["0"] > min(ends.values())  # the first step did finish after another
 
 
 def test_respects_concurrency_hint(tmp_path: Path) -> None:
@@ -83,9 +86,15 @@ def test_isolates_failed_and_panicked_steps(tmp_path: Path) -> None:
     assert out[3].success
 
 
-def test_default_concurrency_hint_is_the_module_constant() -> None:
-    """An executor that does not override the hint gets DEFAULT_MAX_PARALLEL_TASKS."""
+def test_default_concurrency_hint_is_the_module_constant(tmp_path: Path) -> None:
+    """An executor that does not override the hint runs DEFAULT_MAX_PARALLEL_TASKS at once."""
     assert BareExecutor().concurrency_hint() == DEFAULT_MAX_PARALLEL_TASKS
+    executor = RendezvousExecutor(tmp_path, parties=DEFAULT_MAX_PARALLEL_TASKS)
+    specs = [spec(str(i)) for i in range(DEFAULT_MAX_PARALLEL_TASKS + 2)]
+    assert all(o.success for o in execute_steps_parallel(executor, specs))
+    records = read_records(tmp_path)
+    assert peak_overlap(records) == DEFAULT_MAX_PARALLEL_TASKS
+    assert len({r["pid"] for r in records}) == DEFAULT_MAX_PARALLEL_TASKS
 
 
 def _run_every_entry_point(executor: SeedExecutor, tmp_path: Path, concurrency: int) -> None:
@@ -184,9 +193,7 @@ def test_executor_defined_in_main_runs(tmp_path: Path) -> None:
             """
         )
     )
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    result = run_to_end([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['P0', 'P1', 'P2']"
 
@@ -322,9 +329,7 @@ def test_script_without_main_guard_is_not_rerun_by_workers(tmp_path: Path) -> No
             """
         )
     )
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
-    )
+    result = run_to_end([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["top level ran", "[True, True, True, True]"]
 
@@ -354,7 +359,7 @@ def test_a_procorch_folder_in_the_current_directory_does_not_reach_the_workers(
             """
         )
     )
-    result = subprocess.run(
+    result = run_to_end(
         [sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr

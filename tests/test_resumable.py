@@ -15,10 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import FaultyExecutor, JournaledExecutor, gone, log_counts, spec
+from helpers import FaultyExecutor, JournaledExecutor, gone, kill_tree, log_counts, spec
 
 import procorch._journal
 from procorch import (
+    AgentStepSpec,
     JournalError,
     JournalSchemaError,
     SqliteStore,
@@ -101,6 +102,7 @@ def _kill_when_journaled(
     return _journal_rows(journal, workflow)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_runs_each_step_to_success_once(tmp_path: Path) -> None:
     """Steps journaled before a SIGKILL never start again; every step ends up done once."""
     process, log, journal = _start_run(tmp_path, "wf", steps=8)
@@ -117,6 +119,7 @@ def test_resume_after_sigkill_runs_each_step_to_success_once(tmp_path: Path) -> 
     assert not journal.exists()  # removed after full success
 
 
+@pytest.mark.slow
 def test_soak_fifteen_interrupted_workflows_all_resume(tmp_path: Path) -> None:
     """Fifteen runs, each killed with a step in flight, all resume to completion."""
     runs = {
@@ -158,14 +161,20 @@ def test_changed_spec_is_run_again(tmp_path: Path) -> None:
     log = tmp_path / "log"
     store = SqliteStore(journal)
     first = execute_steps_parallel_resumable(
-        JournaledExecutor(str(log), sleep=0.0), [spec("a"), spec("b", "fail-me")], "wf", store
+        JournaledExecutor(str(log), sleep=0.0),
+        [spec("a"), spec("b"), spec("c", "fail")],
+        "wf",
+        store,
     )
-    assert all(o.success for o in first)
-    # Full success removed the journal: a rerun runs everything again.
-    execute_steps_parallel_resumable(
-        JournaledExecutor(str(log), sleep=0.0), [spec("a")], "wf", store
+    assert [o.success for o in first] == [True, True, False]
+    assert journal.exists()  # 'a' and 'b' are journaled for the resume
+    changed = AgentStepSpec("a", "ok", "d", "a prompt edited since")
+    second = execute_steps_parallel_resumable(
+        JournaledExecutor(str(log), sleep=0.0), [changed, spec("b"), spec("c")], "wf", store
     )
-    assert log_counts(str(log), "start") == {"a": 2, "b": 1}
+    assert all(o.success for o in second)
+    # 'a' changed (its digest differs) and 'c' failed: both run again; 'b' is reused.
+    assert log_counts(str(log), "start") == {"a": 2, "b": 1, "c": 2}
 
 
 def test_newer_journal_schema_fails_every_step_without_running(tmp_path: Path) -> None:
@@ -186,6 +195,7 @@ def test_newer_journal_schema_fails_every_step_without_running(tmp_path: Path) -
         assert connection.execute("SELECT version FROM procorch_schema").fetchone() == (99,)
 
 
+@pytest.mark.slow
 def test_second_resumer_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     """Two processes never run one workflow: the second gets a clear error."""
     process, log, journal = _start_run(tmp_path, "wf", steps=6, sleep=0.5)
@@ -198,6 +208,7 @@ def test_second_resumer_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     assert log_counts(str(log), "start") == {f"t{i}": 1 for i in range(6)}
 
 
+@pytest.mark.slow
 def test_second_resumer_in_the_same_process_is_refused(tmp_path: Path) -> None:
     """Another thread of the same process cannot run a workflow already running."""
     journal = tmp_path / "journal.db"
@@ -223,6 +234,7 @@ def test_workflow_id_must_be_a_string(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_killed_parent_takes_its_workers_with_it(tmp_path: Path) -> None:
     """After the parent's SIGKILL, its workers die too instead of finishing for nobody."""
     process, log, journal = _start_run(tmp_path, "wf", steps=4, sleep=2.0)
@@ -238,6 +250,7 @@ def test_killed_parent_takes_its_workers_with_it(tmp_path: Path) -> None:
 # -- the lock and the file ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_crashed_on_another_host_is_resumed_at_once(tmp_path: Path) -> None:
     """A lease row naming a SIGKILLed holder on another host (a container) stops nothing."""
     process, log, journal = _start_run(tmp_path, "wf", steps=6)
@@ -394,6 +407,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.slow
 def test_sqlite_lock_held_by_another_program_is_named_within_seconds(tmp_path: Path) -> None:
     """Another program holding the file's SQLite lock: JournalError after the short busy timeout."""
     journal = tmp_path / "journal.db"
@@ -412,8 +426,7 @@ def test_sqlite_lock_held_by_another_program_is_named_within_seconds(tmp_path: P
         waited = time.monotonic() - begin
         assert BUSY_TIMEOUT - 0.5 < waited < BUSY_TIMEOUT + 20
     finally:
-        holder.kill()
-        holder.communicate(timeout=60)  # also closes the pipes
+        kill_tree(holder)
 
 
 def test_journal_file_goes_once_every_workflow_in_it_is_done(tmp_path: Path) -> None:

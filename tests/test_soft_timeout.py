@@ -12,6 +12,7 @@ from procorch import execute_steps_parallel
 pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
 
+@pytest.mark.slow
 def test_finally_block_runs_before_the_step_ends(tmp_path: Path) -> None:
     """At its limit the step gets StepTimeout; its finally block writes a marker; kind timeout."""
     out = execute_steps_parallel(
@@ -27,6 +28,7 @@ def test_finally_block_runs_before_the_step_ends(tmp_path: Path) -> None:
     assert (tmp_path / "c.cleaned").read_text() == "cleaned up"
 
 
+@pytest.mark.slow
 def test_step_that_ignores_it_is_killed_after_the_grace(tmp_path: Path) -> None:
     """A step still running when the grace runs out has its worker killed; kind timeout."""
     out = execute_steps_parallel(
@@ -38,6 +40,7 @@ def test_step_that_ignores_it_is_killed_after_the_grace(tmp_path: Path) -> None:
     assert "was killed" in out[0].output
 
 
+@pytest.mark.slow
 def test_step_that_swallows_it_still_times_out(tmp_path: Path) -> None:
     """Returning success after StepTimeout does not make the step a success."""
     out = execute_steps_parallel(
@@ -47,6 +50,7 @@ def test_step_that_swallows_it_still_times_out(tmp_path: Path) -> None:
     assert "returned anyway" in out[0].output
 
 
+@pytest.mark.slow
 def test_without_grace_the_limit_kills_at_once(tmp_path: Path) -> None:
     """With no timeout_grace the finally block never runs: the worker is killed at the limit."""
     out = execute_steps_parallel(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
-from helpers import QuickExecutor, gone, spec
+from helpers import QuickExecutor, RendezvousExecutor, gone, read_records, spec
 
 from procorch import (
     AgentStepSpec,
@@ -20,20 +21,24 @@ from procorch import (
 pytestmark = pytest.mark.usefixtures("no_leaked_processes")
 
 
-def test_as_completed_yields_every_index_once() -> None:
-    """Every spec comes back once, labelled with its input index."""
-    specs = [spec(str(i), "slow" if i == 0 else "ok") for i in range(20)]
-    seen = list(stream_steps_parallel(QuickExecutor(), specs))
+def test_as_completed_yields_every_index_once(tmp_path: Path) -> None:
+    """Every spec comes back once, labelled with its input index, as it completes."""
+    # The first step waits until another has finished, however slowly workers start.
+    specs = [spec(str(i), "last" if i == 0 else "ok") for i in range(20)]
+    seen = list(stream_steps_parallel(RendezvousExecutor(tmp_path, parties=1), specs))
     assert sorted(index for index, _ in seen) == list(range(20))
     assert all(outcome.task_id == str(index) for index, outcome in seen)
-    assert seen[0][0] != 0  # the slow first step was overtaken
+    assert seen[0][0] != 0  # the first step was overtaken
 
 
-def test_ordered_yields_in_input_order() -> None:
+def test_ordered_yields_in_input_order(tmp_path: Path) -> None:
     """ordered=True yields in input order even when completion order differs."""
-    specs = [spec(str(i), "slow" if i == 0 else "ok") for i in range(20)]
-    seen = list(stream_steps_parallel(QuickExecutor(), specs, ordered=True))
+    specs = [spec(str(i), "last" if i == 0 else "ok") for i in range(20)]
+    executor = RendezvousExecutor(tmp_path, parties=1)
+    seen = list(stream_steps_parallel(executor, specs, ordered=True))
     assert [index for index, _ in seen] == list(range(20))
+    ends = {record["task_id"]: record["end"] for record in read_records(tmp_path)}
+    assert ends["0"] > min(ends.values())  # the first step did finish after another
 
 
 def test_a_crash_in_a_stream_is_isolated() -> None:
@@ -61,6 +66,7 @@ def test_input_is_read_lazily_within_the_window() -> None:
     assert yielded == 100
 
 
+@pytest.mark.slow
 def test_two_hundred_thousand_specs_in_constant_memory() -> None:
     """A generator of 200,000 specs runs with bounded parent memory."""
     me = psutil.Process()
@@ -82,16 +88,18 @@ def test_two_hundred_thousand_specs_in_constant_memory() -> None:
 def test_breaking_out_stops_the_work_left() -> None:
     """Leaving the loop kills the workers of running steps; the rest never start."""
     pids = []
-    specs = [spec("a")] + [spec(f"h{i}", "hang") for i in range(6)]
+    specs = [spec("h", "hang")] + [spec(f"a{i}") for i in range(200)]
 
     def remember(event: object) -> None:
-        if isinstance(event, StepStarted) and event.task_id.startswith("h"):
+        if isinstance(event, StepStarted) and event.task_id == "h":
             pids.append(event.pid)
 
     start = time.monotonic()
-    for _ in stream_steps_parallel(QuickExecutor(), specs, events=remember):
-        break
+    for count, _ in enumerate(stream_steps_parallel(QuickExecutor(3), specs, events=remember)):
+        if pids or count == 199:  # once the hanging step runs (the others yield meanwhile)
+            break
     assert time.monotonic() - start < 30
+    assert pids, "the hanging step never started"
     assert gone(pids), "a step's worker outlived the stream"
 
 
