@@ -365,18 +365,25 @@ class _Popen(_popen_fork.Popen):  # type: ignore[misc]
             pass  # the worker died at once: its sentinel says so
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
-        if self.returncode is None:
-            if not wait([self.sentinel], 0 if flag == os.WNOHANG else None):
-                return None
+        # Look and read under the lock: a thread that saw the pipe readable and
+        # then waited on it, after another thread read the record, would block
+        # for good when something else still holds the pipe's write end (a
+        # step's forked grandchild does). A blocking poll looks again often.
+        while True:
             with self._status_lock:
-                if self.returncode is None:
+                if self.returncode is not None:
+                    return self.returncode
+                if wait([self.sentinel], 0):
                     try:
                         kind, code = _read_record(self.sentinel)
                     except (OSError, EOFError):
                         kind, code = 0, 255
                     self.status_known = kind == _EXIT
                     self.returncode = code if self.status_known else 255
-        return self.returncode
+                    return self.returncode
+            if flag == os.WNOHANG:
+                return None
+            wait([self.sentinel], 0.1)
 
 
 def _release(lifeline: int, sentinel: int) -> None:
