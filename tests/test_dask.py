@@ -337,6 +337,13 @@ except KeyboardInterrupt:
 """
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):  # not there yet, or not written yet
+        return None
+
+
 def test_dask_sigterm_in_parent_unwinds_and_stops_its_steps(
     tmp_path: Path, cluster: object
 ) -> None:
@@ -350,15 +357,21 @@ def test_dask_sigterm_in_parent_unwinds_and_stops_its_steps(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     marker = state / "started-x"
-    deadline = time.monotonic() + 60
-    while not marker.exists() and parent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if not marker.exists():
-        parent.kill()
-        pytest.fail(f"the step never started: {parent.communicate()[1]}")
-    worker = int(marker.read_text())
-    parent.send_signal(signal.SIGTERM)
-    stdout, stderr = parent.communicate(timeout=120)
+    try:
+        # The marker exists before its pid is written: wait for the pid.
+        deadline = time.monotonic() + 60
+        while not _read_pid(marker) and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        worker = _read_pid(marker)
+        if not worker:
+            parent.kill()
+            pytest.fail(f"the step never started: {parent.communicate()[1]}")
+        parent.send_signal(signal.SIGTERM)
+        stdout, stderr = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:  # the test failed: leave no parent behind
+            parent.kill()
+            parent.communicate()
     assert "KeyboardInterrupt reached the caller" in stdout, stderr
     assert parent.returncode != 0
     assert gone([worker], within=60)
