@@ -366,6 +366,7 @@ def _our_semaphores() -> set[str]:
 def test_shutdown_leaves_no_files_or_semaphores_behind(tmp_path: Path) -> None:
     """After crashes, timeouts and shutdown: no capture files, directory or semaphores remain."""
     before = _scratch_dirs()
+    semaphores_before = _our_semaphores()  # an earlier test's, killed mid-call, are not ours
     out = execute_steps_parallel(
         GuardExecutor(str(tmp_path)),
         [spec("p", "print_then_raise"), spec("c", "always_crash"), spec("h", "c_hang")],
@@ -376,7 +377,7 @@ def test_shutdown_leaves_no_files_or_semaphores_behind(tmp_path: Path) -> None:
     assert _our_semaphores()  # the lanes hold some while they live
     procorch.shutdown()
     assert not _scratch_dirs() - before
-    assert not _our_semaphores()
+    assert not _our_semaphores() - semaphores_before
 
 
 # -- bad guard values ---------------------------------------------------------------
