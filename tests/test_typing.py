@@ -42,8 +42,6 @@ def test_mypy_strict_refuses_misspelt_guards_and_non_executors(tmp_path: Path) -
     api = pytest.importorskip("mypy.api", reason="mypy is in the lint extra (tox -e typing)")
     program = tmp_path / "misspelt.py"
     program.write_text(_PROGRAM)
-    # Skipped here, not at import, so that the module is always collected.
-    api = pytest.importorskip("mypy.api", reason="mypy is in the lint extra (tox -e typing)")
     stdout, _, _ = api.run(
         ["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(program)]
     )
