@@ -211,17 +211,22 @@ class LocalBackend:
         self._check_usage()
 
     def stop(self, index: int) -> StopFacts:
-        for work in self.works:
-            if work.running is not None and work.running[0] == index:
-                return self._kill_running(work)
-        return StopFacts()
+        work = self._running(index)
+        return StopFacts() if work is None else self._kill_running(work)
 
     def interrupt(self, index: int) -> bool:
+        work = self._running(index)
+        if work is None or work.running is None:
+            return False
+        work.lane.interrupt(*work.running)
+        return True
+
+    def _running(self, index: int) -> _LaneWork | None:
+        """The lane whose worker announced step ``index`` and has not finished it."""
         for work in self.works:
             if work.running is not None and work.running[0] == index:
-                work.lane.interrupt(*work.running)
-                return True
-        return False
+                return work
+        return None
 
     def stop_all(self) -> dict[int, StopFacts]:
         facts = {}
