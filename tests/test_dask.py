@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -381,17 +382,7 @@ def test_dask_sigterm_in_parent_unwinds_and_stops_its_steps(
 def test_dask_own_reruns_are_uncharged_attempts() -> None:
     """With allowed-failures 1, each run Dask makes of a crashing step is an attempt, uncharged."""
     seen: list[Event] = []
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # the module's cluster holds the default port
-            host="127.0.0.1",
-        ) as local,
-        distributed.Client(local, set_as_default=False) as client,
-    ):
+    with _private_client(allowed_failures=1) as client:
         out = execute_steps_parallel(
             FaultyExecutor(hint=1),
             [spec("x", "segfault")],
@@ -439,19 +430,32 @@ class NamedExecutor(AgentExecutor):
         )
 
 
-@pytest.fixture(scope="module")
-def threaded_client() -> Iterator[object]:
-    """A client of two worker processes with four threads each, as Dask gives by default."""
+@contextlib.contextmanager
+def _private_client(threads: int = 1, allowed_failures: int | None = None) -> Iterator[Any]:
+    """A client of a cluster of its own: two worker processes with nannies, on loopback."""
+    settings = (
+        {}
+        if allowed_failures is None
+        else {"distributed.scheduler.allowed-failures": allowed_failures}
+    )
     with (
+        dask.config.set(settings),
         distributed.LocalCluster(
             n_workers=2,
-            threads_per_worker=4,
+            threads_per_worker=threads,
             processes=True,
             dashboard_address=":0",  # the module's cluster holds the default port
             host="127.0.0.1",
         ) as local,
         distributed.Client(local, set_as_default=False) as client,
     ):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def threaded_client() -> Iterator[object]:
+    """A client of two worker processes with four threads each, as Dask gives by default."""
+    with _private_client(threads=4) as client:
         yield client
 
 
@@ -545,17 +549,7 @@ def _runs_by_task(run_dir: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_dask_calls_leave_nothing_behind_and_are_never_run_again(tmp_path: Path) -> None:
     """30 calls then a crashing one: the scheduler and client hold nothing of them, none re-ran."""
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # the module's cluster holds the default port
-            host="127.0.0.1",
-        ) as local,
-        distributed.Client(local, set_as_default=False) as client,
-    ):
+    with _private_client(allowed_failures=0) as client:
         backend = DaskBackend(client)
         before = client.run_on_scheduler(_procorch_state), _client_state(client)
         for call in range(30):
