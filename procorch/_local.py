@@ -339,7 +339,7 @@ class LocalBackend:
             self.mean_duration = duration
         else:
             self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
-        steps.finished(frame.step, frame.attempt, frame.outcome, duration)
+        steps.finished(frame.step, frame.attempt, frame.outcome, duration, frame.usage)
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:

@@ -57,6 +57,7 @@ from ._protocol import (
 )
 from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
+from ._usage import UsageMeter
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -70,6 +71,7 @@ _running: tuple[int, int] | None = None  # (step, attempt) of the step run_steps
 _raised: BaseException | None = None  # what the current step raised, if anything
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
+_meter: UsageMeter | None = None  # made on the first step: its /proc files are this process's
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
@@ -445,11 +447,14 @@ def _run_one(
     sandbox: Sandbox | None,
     unsent: list[bytes],
 ) -> None:
-    global _raised, _running
+    global _raised, _running, _meter
     spec = _decode_spec(spec_bytes)
     sink = _ChannelSink(step, attempt)
     _running = (step, attempt)
     _raised = None
+    meter = _meter or UsageMeter()
+    _meter = meter
+    meter.begin()
     if sandbox is None:
         outcome, duration = run_step(spec, token, blob, sink)
     else:
@@ -457,10 +462,11 @@ def _run_one(
     _raised = None
     assert _containment is not None
     _containment.clean_up()  # nothing the step started outlives it
+    usage = meter.end(duration)  # after the clean-up: its reaped children count
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.append(framed(encode(Done(step, attempt, outcome, duration))))
+    unsent.append(framed(encode(Done(step, attempt, outcome, duration, usage))))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:
