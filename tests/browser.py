@@ -68,7 +68,12 @@ class Browser:
 
         self.profile = tempfile.mkdtemp(prefix="procorch-chromium-")
         self.process = subprocess.Popen(
-            [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}"],
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -126,7 +131,8 @@ class Browser:
             text = details.get("exception", {}).get("description") or details.get("text")
             self.errors.append(f"exception: {text}")
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            words = " ".join(str(arg.get("value", arg.get("description"))) for arg in params["args"])
+            args = params.get("args", [])
+            words = " ".join(str(arg.get("value", arg.get("description"))) for arg in args)
             self.errors.append(f"console.{params['type']}: {words}")
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             self.errors.append(f"log: {params['entry'].get('text')}")
