@@ -194,7 +194,7 @@ call's concurrency (dashed).</div>
     for (let i = 0; i < N; i++) {
       if (!A.mark[i]) continue;
       const x = LEFT + (end[i] - state.t0) * scale;
-      if (x < LEFT || x > LEFT + plotW) continue;
+      if (x < LEFT - 1 || x > LEFT + plotW + 1) continue;
       const y = A.row[i] * rowH;
       ctx.fillRect(x - 1, y, 2, rowH);
       if (rowH >= 10) {
