@@ -308,7 +308,7 @@ class StepLifecycle:
             message = _messages.soft_timed_out(record.spec, record.limit, grace, outcome)
             error = StepError(kind="timeout", message=message, pid=record.pid, limit=record.limit)
             outcome = self._failed_outcome(record.spec, error)
-        if usage is None:
+        if usage is None and self.emit is not None:
             usage = StepUsage(wall=duration, missing=_WORKER_MEASURED)
         if outcome.error is None:
             self._record(index, outcome, duration, usage)

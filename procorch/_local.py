@@ -179,6 +179,7 @@ class LocalBackend:
                     self.options.capture,
                     self.retire_above,
                     self.options.sandbox,
+                    steps.emit is not None,  # usage travels on events only: measure for them
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.

@@ -4,7 +4,7 @@ The worker measures around each step (``UsageMeter.begin`` before it,
 ``end`` after it and after its leftover processes were cleaned up)::
 
     begin: write "5" to /proc/self/clear_refs   (the process's peak RSS := its RSS now)
-           getrusage(RUSAGE_SELF), getrusage(RUSAGE_CHILDREN), RSS now (/proc/self/statm)
+           getrusage(RUSAGE_SELF), RSS now (/proc/self/statm)
     end:   getrusage(RUSAGE_SELF), getrusage(RUSAGE_CHILDREN)  -> CPU deltas, the peak
 
 ``ru_maxrss`` is a lifetime high-water mark. Resetting the kernel's mark
@@ -18,10 +18,13 @@ worker's lifetime peak and ``max_rss_from`` says so (``"worker_peak"``).
 
 Children: CPU is the delta of ``RUSAGE_CHILDREN``, which counts the
 processes the worker waited for (a step's subprocesses, and its orphans that
-the containment reaped). Their peak cannot be reset: ``children_max_rss`` is
-known when the largest child ever waited for is one of this step's (the mark
-rose), or 0 when the worker never waited for any child; otherwise it is
-None and listed in ``missing``.
+the containment reaped), from the end of the step before: between steps the
+worker reaps no child of its own, so one reading per step does (a thread a
+step left running that reaps a child between steps would charge the next).
+Their peak cannot be reset: ``children_max_rss`` is known when the largest
+child ever waited for is one of this step's (the mark rose), or 0 when the
+worker never waited for any child; otherwise it is None and listed in
+``missing``.
 
 For an attempt whose worker died or was killed (a crash, a time limit, the
 memory cap), the parent fills what it knows with :func:`partial_usage`: the
@@ -135,6 +138,7 @@ class UsageMeter:
     __slots__ = (
         "_children",
         "_clear_refs",
+        "_getrusage",
         "_resettable",
         "_rss0",
         "_self",
@@ -149,7 +153,8 @@ class UsageMeter:
         self._resettable = False
         self._rss0 = 0
         self._self: resource.struct_rusage | None = None
-        self._children: resource.struct_rusage | None = None
+        self._getrusage = resource.getrusage
+        self._children = self._getrusage(_CHILDREN)  # as it was when the last step ended
 
     def begin(self) -> None:
         """The step starts now."""
@@ -160,8 +165,7 @@ class UsageMeter:
                 reset = True
             except OSError:  # not permitted (an old kernel, a locked-down /proc)
                 self._clear_refs = None
-        self._self = resource.getrusage(_SELF)
-        self._children = resource.getrusage(_CHILDREN)
+        self._self = self._getrusage(_SELF)
         self._resettable = reset
         if reset:
             self._rss0 = self._rss_now()
@@ -169,9 +173,9 @@ class UsageMeter:
     def end(self, wall: float) -> StepUsage:
         """The step (and the clean-up of what it started) is over; ``wall`` as measured."""
         before, children_before = self._self, self._children
-        assert before is not None and children_before is not None, "end() without begin()"
-        after = resource.getrusage(_SELF)
-        children = resource.getrusage(_CHILDREN)
+        assert before is not None, "end() without begin()"
+        after = self._getrusage(_SELF)
+        children = self._children = self._getrusage(_CHILDREN)
         max_rss_from: MaxRssFrom = "worker_peak"
         max_rss = after.ru_maxrss * _MAXRSS_UNIT
         if self._resettable:

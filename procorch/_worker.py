@@ -390,10 +390,12 @@ def run_steps(
     capture: bool,
     retire_above: int | None,
     sandbox: Sandbox | None = None,
+    measure: bool = True,
 ) -> None:
     """Run a chunk of (step, attempt, spec bytes) in order, reporting each on the channel.
 
     With ``sandbox``, each step runs inside its limits (see ``_sandbox``).
+    With ``measure``, each step's ``Done`` carries its usage (see ``_usage``).
 
     With ``retire_above``, the worker checks its memory before each step and
     stops taking steps once it (with its children) holds more than that: it
@@ -416,7 +418,7 @@ def run_steps(
                 return
             if capture:
                 _capture(True)
-            _run_one(token, blob, step, attempt, spec_bytes, capture, sandbox, unsent)
+            _run_one(token, blob, step, attempt, spec_bytes, capture, sandbox, unsent, measure)
             blob = None  # unpickled with the first step; the rest reuse it
     finally:
         if unsent:
@@ -446,15 +448,17 @@ def _run_one(
     capture: bool,
     sandbox: Sandbox | None,
     unsent: list[bytes],
+    measure: bool = True,
 ) -> None:
     global _raised, _running, _meter
     spec = _decode_spec(spec_bytes)
     sink = _ChannelSink(step, attempt)
     _running = (step, attempt)
     _raised = None
-    meter = _meter or UsageMeter()
-    _meter = meter
-    meter.begin()
+    meter = None
+    if measure:
+        meter = _meter = _meter or UsageMeter()
+        meter.begin()
     if sandbox is None:
         outcome, duration = run_step(spec, token, blob, sink)
     else:
@@ -462,7 +466,8 @@ def _run_one(
     _raised = None
     assert _containment is not None
     _containment.clean_up()  # nothing the step started outlives it
-    usage = meter.end(duration)  # after the clean-up: its reaped children count
+    # After the clean-up: the children it reaped count as the step's.
+    usage = None if meter is None else meter.end(duration)
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
