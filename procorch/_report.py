@@ -379,7 +379,7 @@ def _tables(attempts: list[_Attempt], finished: list[StepFinished], hint: int) -
         ["occupancy: busy / (wall x concurrency)", share(busy)],
         ["parallel efficiency: CPU / (wall x concurrency)", share(cpu)],
     ]
-    parts.append("<h2>Totals</h2>" + _table(["", ""], totals, {1}))
+    parts.append("<h2>Totals</h2>" + _table(["", "this run"], totals, {1}))
 
     by_kind: dict[str, list[int]] = {}
     examples: dict[str, str] = {}

@@ -62,7 +62,7 @@ call's concurrency (dashed).</div>
   const A = D.a, N = A.start.length, R = Math.max(1, D.rows.length);
   const kinds = D.kinds, K = kinds.length;
   const LEFT = 150, AXIS = 22, PAD = 8;
-  const rowH = R <= 40 ? 18 : R <= 200 ? Math.max(4, Math.floor(720 / R)) : 3;
+  const rowH = R <= 8 ? 26 : R <= 40 ? 18 : R <= 200 ? Math.max(4, Math.floor(720 / R)) : 3;
   const state = { t0: 0, t1: D.span > 0 ? D.span : 1, drawn: 0, aggregated: 0, links: 0,
     marks: 0 };
   const end = new Float64Array(N);
