@@ -109,6 +109,7 @@ class _Attempts:
         self.open: dict[tuple[int, str], list[int]] = {}  # a step's attempts, until it finishes
         self.finished: list[StepFinished] = []
         self.hint = 0
+        self.untimed = 0  # starts without an instant (events of an older procorch)
 
     def add(self, event: Event) -> None:
         key = (event.index, event.task_id)
@@ -117,6 +118,7 @@ class _Attempts:
             prev = mine[-1] if mine else -1
             mine.append(len(self.attempts))
             self.attempts.append(_Attempt(event, prev))
+            self.untimed += event.at is None
             if event.concurrency is not None:
                 self.hint = max(self.hint, event.concurrency)
             return
@@ -476,6 +478,11 @@ def render(state: _Attempts, title: str) -> bytes:
         f"{len(state.finished):,} steps finished, {len(attempts):,} attempts on "
         f"{len(rows)} {'row' if len(rows) == 1 else 'rows'}"
     )
+    if state.untimed:
+        summary += (
+            f"; {state.untimed:,} starts carry no instant (events of an older procorch): "
+            "the timeline is not to scale"
+        )
     page = (
         PAGE.replace("%%TITLE%%", html.escape(title))
         .replace("%%SUMMARY%%", html.escape(summary))
