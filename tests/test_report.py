@@ -235,8 +235,13 @@ def test_report_opens_in_a_headless_browser(
         )
         browser.evaluate(f"procorchReport.zoomTo({crashed})")
         assert browser.evaluate(f"procorchReport.pixelOf({crashed})") == KINDS["crash"]
-        tip = browser.evaluate(f"procorchReport.describe({crashed})")
-        assert "segfault-2" in tip and "SIGSEGV" in tip and "CPU: unknown" in tip
+        box = browser.evaluate(f"procorchReport.barBox({crashed})")
+        x, y = box["x"] + box["w"] / 2, box["y"] + box["h"] * 0.75
+        browser.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        tip = browser.evaluate("document.getElementById('tip').textContent")
+        assert "segfault-2" in tip and "SIGSEGV" in tip and "CPU: unknown" in tip, tip
+        shown = browser.evaluate("getComputedStyle(document.getElementById('tip')).display")
+        assert shown == "block"
         browser.evaluate("procorchReport.reset()")
         png = browser.screenshot(tmp_path / "report.png")
         seen = _blank(browser, png)
