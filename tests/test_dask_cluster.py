@@ -459,7 +459,7 @@ class AckExecutor(AgentExecutor):
     ``patience`` and fails: only live delivery lets every step succeed.
     """
 
-    def __init__(self, ack_dir: str, patience: float = 60.0) -> None:
+    def __init__(self, ack_dir: str, patience: float = 10.0) -> None:
         self.ack_dir = ack_dir
         self.patience = patience
 
