@@ -86,6 +86,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -136,18 +137,31 @@ class DaskBackend:
     closed with each call, with ``security`` (a ``distributed.Security``,
     for TLS; a cluster object's own by default). Workers with one thread
     each give the cleanest crash attribution (see the module notes).
+
+    ``annotations`` maps a step's ``task_id`` to what Dask should know of
+    its task: ``resources`` (``{"GPU": 1}``: only workers started with them
+    run it), ``priority`` (higher first), ``workers`` (an address or a list
+    of them) and ``allow_other_workers``, as ``Client.submit`` takes them.
+    A step no worker can take waits for one (bound it with ``call_timeout``).
     """
 
     supported_guards = DASK_GUARDS
     name = "the Dask backend"
 
-    def __init__(self, client_or_address: Any, *, security: Any = None) -> None:
+    def __init__(
+        self,
+        client_or_address: Any,
+        *,
+        security: Any = None,
+        annotations: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         try:
             import distributed
         except ImportError as exc:  # pragma: no cover - the extra is not installed
             raise ImportError(
                 "the Dask backend needs the dask extra: pip install 'procorch[dask]'"
             ) from exc
+        self.annotations = _checked_annotations(annotations)
         self.security = security
         if isinstance(client_or_address, str):
             self.address: str | None = client_or_address
@@ -176,6 +190,43 @@ class DaskBackend:
 
     def step_backend(self, blob: bytes, token: str, options: CallOptions) -> StepBackend:
         return _DaskSteps(self, blob, token, options)
+
+
+_ANNOTATIONS: dict[str, tuple[type, ...]] = {
+    "resources": (Mapping,),
+    "priority": (int,),
+    "workers": (str, list, tuple),
+    "allow_other_workers": (bool,),
+}
+
+
+def _checked_annotations(
+    annotations: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    """``annotations`` as plain dicts, or an error naming the task and what is wrong."""
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, Mapping):
+        raise TypeError(
+            "annotations must map a task_id to a dict of Dask task annotations "
+            f"(got {type(annotations).__name__})"
+        )
+    checked = {}
+    for task_id, given in annotations.items():
+        if not isinstance(given, Mapping):
+            raise TypeError(f"annotations[{task_id!r}] must be a dict (got {type(given).__name__})")
+        for name, value in given.items():
+            kinds = _ANNOTATIONS.get(name)
+            if kinds is None:
+                known = ", ".join(_ANNOTATIONS)
+                raise ValueError(f"annotations[{task_id!r}]: unknown {name!r} (known: {known})")
+            if not isinstance(value, kinds) or (name == "priority" and isinstance(value, bool)):
+                raise ValueError(
+                    f"annotations[{task_id!r}][{name!r}] has the wrong type "
+                    f"({type(value).__name__})"
+                )
+        checked[task_id] = dict(given)
+    return checked
 
 
 def cluster_threads(client: Any) -> int | None:
@@ -561,6 +612,7 @@ class _DaskSteps:
         # token): steps must not share theirs with the executor task, or the
         # scheduler, taking steps for instant, queues them where that task ran.
         key = f"procorch-step-{self.token}-{index}-{self.submitted}"
+        annotations = self.factory.annotations.get(steps.spec(index).task_id, {})
         future = self._client.submit(
             _run_on_worker,
             self.token,
@@ -572,6 +624,7 @@ class _DaskSteps:
             self.queue_name,
             pure=False,
             key=key,
+            **annotations,
         )
         task = _Task(index, key, future)
         self.tasks[index] = task

@@ -39,6 +39,7 @@ from procorch import (
     StepCrashed,
     StepOutcome,
     StepProgress,
+    StepStarted,
     execute_steps_parallel,
 )
 
@@ -594,3 +595,93 @@ def test_command_line_ships_an_executor_module_the_workers_cannot_import(
     assert result.returncode == 0, result.stderr
     outcomes = [msgspec.json.decode(line, type=StepOutcome) for line in result.stdout.splitlines()]
     assert [(o.task_id, o.output) for o in outcomes] == [("t0", "1"), ("t1", "2"), ("t2", "3")]
+
+
+def _self_signed(where: Path) -> tuple[str, str] | None:
+    """A certificate for 127.0.0.1 and its key (the certificate is its own CA), or None."""
+    cert, key = where / "cert.pem", where / "key.pem"
+    made = run_to_end(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=procorch-test",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        timeout=60,
+        capture_output=True,
+    )  # fmt: skip
+    return (str(cert), str(key)) if made.returncode == 0 else None
+
+
+def test_command_line_reaches_a_tls_cluster(tmp_path: Path) -> None:
+    """--dask tls://... with --dask-tls-ca-file/--dask-tls-cert/--dask-tls-key runs the batch."""
+    try:
+        made = _self_signed(tmp_path)
+    except FileNotFoundError:
+        made = None
+    if made is None:
+        pytest.skip("openssl cannot make a certificate here")
+    cert, key = made
+    tls = ("--tls-ca-file", cert, "--tls-cert", cert, "--tls-key", key)
+    (tmp_path / "specs.jsonl").write_text(
+        "".join(msgspec.json.encode(spec(t)).decode() + "\n" for t in ("a", "b"))
+    )
+    with real_cluster(
+        tmp_path / "cluster",
+        extra_scheduler=("--protocol", "tls", *tls),
+        extra_worker=tls,
+    ) as address:
+        assert address.startswith("tls://")
+        command = [sys.executable, "-m", "procorch", "run", "helpers:FaultyExecutor",
+                   "specs.jsonl", "--dask", address, "-q"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(TESTS)}
+        plain = run_to_end(
+            command, timeout=120, cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        result = run_to_end(
+            [*command, "--dask-tls-ca-file", cert, "--dask-tls-cert", cert, "--dask-tls-key", key],
+            timeout=120,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    assert plain.returncode == 2, plain.stderr
+    assert "needs --dask-tls-ca-file and --dask-tls-cert" in plain.stderr
+    assert result.returncode == 0, result.stderr
+    outcomes = [msgspec.json.decode(line, type=StepOutcome) for line in result.stdout.splitlines()]
+    assert [(o.task_id, o.success) for o in outcomes] == [("a", True), ("b", True)]
+
+
+# -- per-step annotations -------------------------------------------------------------------
+
+
+def test_annotations_pin_a_step_to_a_worker(client: Any) -> None:
+    """annotations={"x": {"workers": [address]}}: step x runs there, each time."""
+    workers = client.scheduler_info()["workers"]
+    address = sorted(workers, key=lambda worker: workers[worker]["name"])[0]
+    pid = client.run(os.getpid, workers=[address])[address]
+    pinned = {f"x{i}": {"workers": [address], "allow_other_workers": False} for i in range(6)}
+    seen: list[Event] = []
+    out = execute_steps_parallel(
+        FaultyExecutor(hint=2),
+        [spec(f"x{i}") for i in range(6)],
+        events=seen.append,
+        backend=DaskBackend(client, annotations=pinned),
+    )
+    assert all(o.success for o in out)
+    pids = {event.pid for event in seen if isinstance(event, StepStarted)}
+    assert pids == {pid}
+
+
+@pytest.mark.parametrize(
+    ("annotations", "error", "words"),
+    [
+        ({"a": {"gpu": 1}}, ValueError, "annotations['a']: unknown 'gpu'"),
+        ({"a": {"priority": "high"}}, ValueError, "annotations['a']['priority'] has the wrong"),
+        ({"a": 3}, TypeError, r"annotations\['a'\] must be a dict"),
+        ([("a", {})], TypeError, "annotations must map a task_id"),
+    ],
+)
+def test_annotations_that_dask_cannot_take_are_refused_up_front(
+    cluster: str, annotations: Any, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=re.escape(words) if error is ValueError else words):
+        DaskBackend(cluster, annotations=annotations)
