@@ -685,3 +685,30 @@ def test_annotations_that_dask_cannot_take_are_refused_up_front(
 ) -> None:
     with pytest.raises(error, match=re.escape(words) if error is ValueError else words):
         DaskBackend(cluster, annotations=annotations)
+
+
+# -- the README -----------------------------------------------------------------------------
+
+
+def test_readme_dask_example_runs_on_a_real_cluster(tmp_path: Path, client: Any) -> None:
+    """The README's Dask section, against the cluster its shell block starts, prints its promise."""
+    text = (TESTS.parent / "README.md").read_text()
+    section = text[text.index("## Beyond one machine") :]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    promised = [line[2:] for line in block.splitlines() if re.match(r"# [abc] ", line)]
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    address = client.scheduler.address
+    result = run_to_end(
+        [sys.executable, str(script)],
+        timeout=120,
+        env={**os.environ, "DASK_SCHEDULER": address},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.splitlines()
+        == promised
+        == ["a True HELLO", "b False SIGABRT", "c True WORLD"]
+    )
