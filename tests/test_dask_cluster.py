@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
-from helpers import FaultyExecutor, GuardExecutor, kill_tree, run_to_end, spec
+from helpers import FaultyExecutor, GuardExecutor, gone, kill_tree, run_to_end, spec
 
 from procorch import (
     AgentExecutor,
@@ -712,3 +712,57 @@ def test_readme_dask_example_runs_on_a_real_cluster(tmp_path: Path, client: Any)
         == promised
         == ["a True HELLO", "b False SIGABRT", "c True WORLD"]
     )
+
+
+_HANG = """
+import os, time
+from pathlib import Path
+from procorch import AgentExecutor, StepOutcome
+
+STATE = {state!r}
+
+class Hang(AgentExecutor):
+    def execute_step(self, spec, events):
+        Path(STATE, "pid.part").write_text(str(os.getpid()))
+        Path(STATE, "pid.part").rename(Path(STATE, "pid"))
+        time.sleep(3600)
+        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True)
+"""
+
+
+def test_ctrl_c_on_the_command_line_stops_the_step_on_the_cluster(
+    tmp_path: Path, client: Any
+) -> None:
+    """Ctrl-C while a step runs on a worker: exit 130, and that worker process is restarted.
+
+    (The command line writes only finished outcomes at a Ctrl-C.)
+    """
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "hang_executor.py").write_text(_HANG.format(state=str(state)))
+    (tmp_path / "specs.jsonl").write_text(msgspec.json.encode(spec("h")).decode() + "\n")
+    address = client.scheduler.address
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "procorch", "run", "hang_executor:Hang", "specs.jsonl",
+         "--dask", address, "-q", "-o", "outcomes.jsonl"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (state / "pid").exists():
+            if caller.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the step never started: {caller.communicate()[1]}")
+            time.sleep(0.02)
+        worker = int((state / "pid").read_text())
+        pids = client.run(os.getpid)  # by worker address
+        caller.send_signal(signal.SIGINT)
+        _, stderr = caller.communicate(timeout=120)
+    finally:
+        kill_tree(caller)
+    assert caller.returncode == 130, stderr
+    assert "1 running were stopped" in stderr
+    assert gone([worker], within=60)
+    _settle(client, {address for address, pid in pids.items() if pid == worker})
