@@ -69,7 +69,11 @@ new key, uncharged (``StepRerun``), and blamed (``StepCrashed``) when Dask
 gives up on that submission too. With one thread per worker, a started,
 unfinished step on a dead worker can only be the one that killed it. A
 running Python task cannot be interrupted: a step stopped for a guard has its
-future cancelled and its worker restarted.
+future cancelled and its worker restarted by its nanny, in the background (a
+worker without a nanny cannot be, and the outcome says the step may still be
+running there). A blamed step's outcome carries its worker's exit code or
+signal, which the nanny publishes on the scheduler (``_dask_nanny``), looked
+up from a background thread once the verdict is reached.
 
 The cost of that caution: a step that kills its worker is failed only after
 Dask gave up on it twice, that is 2 x (allowed-failures + 1) worker deaths
