@@ -893,7 +893,8 @@ class _DaskSteps:
                 break
             if time.monotonic() > deadline:
                 break
-        self._tell(("crashed", task, code))
+        if not self._closing.is_set():  # else the call is over: nobody is listening
+            self._tell(("crashed", task, code))
 
     def _on_crashed(self, task: _Task, code: int | None) -> None:
         steps = self._steps()
