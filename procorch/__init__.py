@@ -36,10 +36,12 @@ from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._parallel import execute_steps_parallel
 from ._pool import shutdown
 from ._progress import Progress, progress
+from ._report import ReportSink, write_report
 from ._resumable import execute_steps_parallel_resumable
 from ._sandbox import Sandbox
 from ._schema import output_schema_for
 from ._stream import stream_steps_parallel
+from ._usage import StepUsage
 
 # map and imap are public (procorch.map, procorch.imap) but stay out of __all__,
 # so that "from procorch import *" does not hide the builtin map.
@@ -64,6 +66,7 @@ __all__ = [
     "MapResult",
     "ProcessPool",
     "Progress",
+    "ReportSink",
     "RetryPolicy",
     "Sandbox",
     "SqliteStore",
@@ -77,6 +80,7 @@ __all__ = [
     "StepRerun",
     "StepStarted",
     "StepTimeout",
+    "StepUsage",
     "WorkflowJournal",
     "WorkflowLockedError",
     "cluster_threads",
@@ -91,6 +95,7 @@ __all__ = [
     "progress",
     "shutdown",
     "stream_steps_parallel",
+    "write_report",
 ]
 
 __version__ = "0.1.0"

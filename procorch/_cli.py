@@ -50,6 +50,7 @@ from ._guards import CancelToken, RetryableKind, RetryPolicy
 from ._journal import SqliteStore, WorkflowJournal, spec_digest
 from ._model import AgentStepSpec, StepOutcome
 from ._pool import shutdown
+from ._report import ReportSink, write_report
 from ._sandbox import Sandbox
 
 __all__ = ["main"]
@@ -212,7 +213,8 @@ examples:
   procorch run mypkg.agents:Executor specs.jsonl -o outcomes.jsonl
   procorch run mypkg.agents:Executor - -j 8 --step-timeout 60 --memory-limit 2G < specs.jsonl
   procorch run mypkg.agents:make_executor specs.jsonl --attempts 3 --retry-on crash,timeout \\
-      --events events.jsonl --joblog jobs.tsv -o outcomes.jsonl
+      --events events.jsonl --joblog jobs.tsv --report run.html -o outcomes.jsonl
+  procorch report events.jsonl -o run.html    # the same report, drawn again later
   tail -f specs.jsonl | procorch run mypkg.agents:Executor - --unordered -o outcomes.jsonl"""
 
 
@@ -248,6 +250,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     run.set_defaults(command_parser=run)  # usage errors found later print run's usage
+    report = commands.add_parser(
+        "report",
+        help="draw the run report of an events file written by 'procorch run --events'",
+        description="Write the run report (the page 'procorch run --report' writes) of "
+        "the events in EVENTS, a JSON Lines file written by 'procorch run --events': a "
+        "past run drawn again. The same events give the same page, byte for byte.",
+    )
+    report.add_argument("events_file", metavar="EVENTS", help="the events file (JSON Lines)")
+    report.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        required=True,
+        help="write the report (HTML) here",
+    )
+    report.add_argument(
+        "--title", default="procorch run", help="the page's title (default: procorch run)"
+    )
     commands.add_parser(
         "demo",
         help="run the bundled demo batch: success, failure, crash and timeout side by side",
@@ -286,6 +306,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="write one tab-separated line per step as it ends: index, task_id, agent, "
         "start (Unix time), duration, attempts, result (ok or the failure's kind), pid",
+    )
+    files.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write a run report here when the run ends: one self-contained HTML page with "
+        "a timeline of every step attempt by worker, the concurrency over time, failures "
+        "by kind, the slowest steps, the largest memory users and the totals (the same "
+        "page as 'procorch report' draws from the --events file)",
     )
     files.add_argument(
         "--dry-run",
@@ -508,7 +536,14 @@ def _check_combinations(args: argparse.Namespace) -> None:
         parser.error("--output and --events cannot both be standard output")
     if args.joblog == "-":
         parser.error("--joblog needs a file (standard output carries the outcomes or events)")
-    files = {"--output": args.output, "--events": args.events, "--joblog": args.joblog}
+    if args.report == "-":
+        parser.error("--report needs a file (standard output carries the outcomes or events)")
+    files = {
+        "--output": args.output,
+        "--events": args.events,
+        "--joblog": args.joblog,
+        "--report": args.report,
+    }
     named = [(option, path) for option, path in files.items() if path not in (None, "-")]
     for number, (option, path) in enumerate(named):
         for other, other_path in named[number + 1 :]:
@@ -887,6 +922,10 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         if args.joblog is not None:
             joblog = JobLog(_open_log(args.joblog, "the job log", None, stack), args.joblog)
             listeners.append(joblog.event)
+        if args.report is not None:
+            report = ReportSink()
+            listeners.append(report)
+            stack.callback(_write_run_report, report, args.report, say)
         tally = Tally(None if checked is None else checked.to_run, 0)
         listeners.insert(0, tally.event)
         writer = OrderedOutcomes(output, ordered=not args.unordered)
@@ -977,6 +1016,14 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         return EXIT_OK if run.all_succeeded else EXIT_FAILED
 
 
+def _write_run_report(report: ReportSink, path: str, say: Callable[[str], None]) -> None:
+    """``--report``: written when the run ends, however it ends (a warning if it cannot be)."""
+    try:
+        report.write(path)
+    except OSError as exc:
+        say(f"procorch: warning: cannot write the report to {path!r}: {exc.strerror or exc}")
+
+
 def _keep_what_finished(
     writer: OrderedOutcomes, output: OutcomeFile, say: Callable[[str], None]
 ) -> bool:
@@ -1014,6 +1061,22 @@ def _interrupted(
     return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
+def _report(args: argparse.Namespace) -> int:
+    """``procorch report EVENTS -o FILE``."""
+    try:
+        write_report(args.output, args.events_file, title=args.title)
+    except FileNotFoundError:
+        print(f"procorch: no events file {args.events_file!r}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"procorch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"procorch: cannot write the report: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _demo() -> int:
     """``procorch demo``: the bundled batch."""
     from . import demo
@@ -1036,6 +1099,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
+    if args.command == "report":
+        return _report(args)
     _check_combinations(args)
     _search_current_directory_first()
     console = Console(os.dup(2))

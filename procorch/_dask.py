@@ -100,6 +100,7 @@ from ._backend import StepBackend, StopFacts
 from ._model import StepError
 from ._options import CallOptions
 from ._protocol import Done, Progress, decode_frame, encode, progress_frame
+from ._usage import UsageMeter, partial_usage
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -379,10 +380,34 @@ def _run_on_worker(
     runs = Queue(queue_name)  # type: ignore[no-untyped-call]
     runs.put(who)  # type: ignore[no-untyped-call]
     sink = _DaskSink(runs, key, run, step, attempt)
+    meter = _step_meter(worker)
+    if meter is not None:
+        meter.begin()
     outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
     sink.close()
-    done = encode(Done(step, attempt, outcome, duration))
+    usage = meter.end(duration) if meter is not None else partial_usage(duration)
+    done = encode(Done(step, attempt, outcome, duration, usage))
     runs.put({**who, "d": done, "p": sink.frames})  # type: ignore[no-untyped-call]
+
+
+def _step_meter(worker: Any) -> Any:
+    """A usage meter for this worker process when it runs one step at a time, else None.
+
+    Process-wide figures (CPU, peak memory) are one step's own only on a
+    worker with one thread; with more, steps share the process and only the
+    wall time is the step's (see ``_usage``). Dask's own threads' CPU during
+    the step counts as the step's (a few milliseconds a second, measured
+    nowhere else).
+    """
+    global _dask_meter
+    if getattr(getattr(worker, "state", None), "nthreads", None) != 1:
+        return None
+    if _dask_meter is None or _dask_meter[0] != os.getpid():
+        _dask_meter = (os.getpid(), UsageMeter())
+    return _dask_meter[1]
+
+
+_dask_meter: tuple[int, UsageMeter] | None = None
 
 
 # -- in the caller ------------------------------------------------------------------
@@ -801,7 +826,7 @@ class _DaskSteps:
         for frame in progress[task.delivered :]:
             assert isinstance(frame, Progress)
             steps.progress(task.index, task.attempt, frame.data)
-        steps.finished(task.index, task.attempt, done.outcome, done.duration)
+        steps.finished(task.index, task.attempt, done.outcome, done.duration, done.usage)
 
     def _on_failed(self, task: _Task, exc: BaseException) -> None:
         from distributed.scheduler import KilledWorker

@@ -87,11 +87,12 @@ class _Lane:
         capture: bool,
         retire_above: int | None,
         sandbox: Any = None,
+        measure: bool = True,
     ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
         shipped = None if token == self.executor_token else blob
         future: Future[None] = self._pool.submit(
-            _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox
+            _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox, measure
         )
         self.executor_token = token
         if self._writers:  # the first submit started the worker process

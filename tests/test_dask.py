@@ -22,6 +22,7 @@ from helpers import (
     FaultyExecutor,
     GuardExecutor,
     SeedExecutor,
+    UsageExecutor,
     gone,
     peak_overlap,
     read_records,
@@ -639,3 +640,31 @@ def test_dask_backend_refuses_what_it_cannot_use(backend: DaskBackend) -> None:
         DaskBackend(42)
     with pytest.raises(ValueError, match="security is for a scheduler address or a cluster"):
         DaskBackend(backend.client, security=distributed.Security())
+
+
+def test_dask_step_usage_is_measured_on_a_one_thread_worker(backend: DaskBackend) -> None:
+    """A one-thread Dask worker measures a step's CPU like a lane; a crash leaves the wall time."""
+    seen: list[Event] = []
+    steps = [spec("burn", "burn"), spec("crash", "segfault")]
+    execute_steps_parallel(UsageExecutor(), steps, events=seen.append, backend=backend)
+    finished = {e.task_id: e for e in seen if isinstance(e, StepFinished)}
+    burn, crash = finished["burn"].usage, finished["crash"].usage
+    assert burn is not None and burn.cpu is not None
+    assert set(burn.missing) <= {"children_max_rss"}  # the worker may have reaped a child before
+    assert 0.25 <= burn.cpu <= 3.0, burn
+    assert burn.max_rss is not None and burn.max_rss >= 100 * 2**20
+    assert crash is not None and crash.cpu_user is None and "cpu_user" in crash.missing
+
+
+def test_dask_step_usage_on_a_threaded_worker_is_the_wall_time(threaded_client: object) -> None:
+    """Steps sharing a 4-thread worker's process: only their wall time is theirs."""
+    seen: list[Event] = []
+    execute_steps_parallel(
+        UsageExecutor(),
+        [spec("burn", "burn")],
+        events=seen.append,
+        backend=DaskBackend(threaded_client),
+    )
+    (finished,) = [e for e in seen if isinstance(e, StepFinished)]
+    assert finished.usage is not None and finished.usage.wall >= 0.25
+    assert finished.usage.cpu_user is None and "cpu_user" in finished.usage.missing
