@@ -92,7 +92,7 @@ from . import _messages
 from ._backend import StepBackend, StopFacts
 from ._model import StepError
 from ._options import CallOptions
-from ._protocol import Done, Progress, decode_frame, encode, progress_frame
+from ._protocol import Done, Progress, decode_frame, progress_frame
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -240,7 +240,7 @@ def _run_on_worker(
     """
     from distributed import Queue, get_worker
 
-    from ._worker import _decode_spec, run_step
+    from ._worker import _decode_spec, done_frame, run_step
 
     worker = get_worker()
     run = uuid.uuid4().hex  # Dask may run this task again elsewhere: each run has its own name
@@ -248,9 +248,10 @@ def _run_on_worker(
     runs = Queue(queue_name)  # type: ignore[no-untyped-call]
     runs.put(who)  # type: ignore[no-untyped-call]
     sink = _DaskSink(runs, key, run, step, attempt)
-    outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
+    spec = _decode_spec(spec_bytes)
+    outcome, duration = run_step(spec, token, blob, sink)
     sink.close()
-    done = encode(Done(step, attempt, outcome, duration))
+    done = done_frame(spec, step, attempt, outcome, duration)
     runs.put({**who, "d": done, "p": sink.frames})  # type: ignore[no-untyped-call]
 
 

@@ -38,7 +38,6 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
 from . import _messages
@@ -47,7 +46,7 @@ from ._model import StepError
 from ._options import CallOptions
 from ._pool import _engine, _Lane
 from ._procinfo import memory_over
-from ._protocol import Done, Progress, Retire, Started, decode_frame
+from ._protocol import Done, Retire, Started
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -272,17 +271,16 @@ class LocalBackend:
         # frame before its call returns, so once a call is seen returned every
         # frame of its chunk is already in the pipe. Looking after draining races.
         returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
-        reader = work.lane.frames
-        for data in reader.read():
-            try:
-                frame = decode_frame(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._protocol_fault(work, f"a frame could not be decoded: {exc}")
-                return
-            problem = self._on_frame(work, frame)
+        frames, error = work.lane.frames.read()
+        on_frame = self._on_frame
+        for frame in frames:
+            problem = on_frame(work, frame)
             if problem is not None:
                 self._protocol_fault(work, problem)
                 return
+        if error is not None:
+            self._protocol_fault(work, f"a frame could not be decoded: {error}")
+            return
         for future, _ in returned:
             failure = future.exception()
             if isinstance(failure, BrokenProcessPool):
@@ -308,38 +306,37 @@ class LocalBackend:
 
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
-        steps = self._steps()
+        kind = type(frame)
         identity = (frame.step, frame.attempt)
-        if isinstance(frame, (Started, Retire)):
+        if kind is Done:
+            if work.running != identity:
+                return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
+            sent = work.sent
+            sent.popleft()
+            work.running = None
+            if sent:
+                work.waiting_since = time.monotonic()
+            duration = frame.duration
+            mean = self.mean_duration
+            self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
+            self._steps().finished(frame.step, frame.attempt, frame.outcome, duration)
+            return None
+        if kind is Started or kind is Retire:
             if work.running is not None or not work.sent or work.sent[0] != identity:
                 expected = work.sent[0] if work.sent and work.running is None else None
                 return f"it announced step {identity} while {_expecting(work, expected)}"
-            if isinstance(frame, Retire):
+            if kind is Retire:
                 work.retiring = True
                 return None
-            if not steps.started(frame.step, frame.attempt, frame.pid, frame.at):
+            if not self._steps().started(frame.step, frame.attempt, frame.pid, frame.at):
                 return f"step {identity} was not waiting to start"
             work.running = identity
             work.pid = frame.pid
             work.waiting_since = None
             return None
         if work.running != identity:
-            kind = "progress" if isinstance(frame, Progress) else "an outcome"
-            return f"it sent {kind} for step {identity} while {_expecting(work, None)}"
-        if isinstance(frame, Progress):
-            steps.progress(frame.step, frame.attempt, frame.data)
-            return None
-        assert isinstance(frame, Done)
-        work.sent.popleft()
-        work.running = None
-        if work.sent:
-            work.waiting_since = time.monotonic()
-        duration = frame.duration
-        if self.mean_duration is None:
-            self.mean_duration = duration
-        else:
-            self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
-        steps.finished(frame.step, frame.attempt, frame.outcome, duration)
+            return f"it sent progress for step {identity} while {_expecting(work, None)}"
+        self._steps().progress(frame.step, frame.attempt, frame.data)
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:
