@@ -57,6 +57,8 @@ MAX_UNSTARTED_DEATHS = 3
 
 QUEUED, SENT, RUNNING, WAITING = "queued", "sent", "running", "waiting"
 
+_encode_spec = msgspec.msgpack.Encoder().encode
+
 
 class StepRecord:
     """What the lifecycle knows of one unfinished step; dropped when it ends."""
@@ -76,11 +78,11 @@ class StepRecord:
     )
 
     def __init__(
-        self, spec: AgentStepSpec, data: bytes, limit: float | None, position: int
+        self, spec: AgentStepSpec, data: bytes | None, limit: float | None, position: int
     ) -> None:
         self.spec = spec
         self.position = position  # the caller's position for it (its events' index)
-        self.data = data  # its wire bytes
+        self.data = data  # its wire bytes (None: large, encoded again when sent)
         self.limit = limit  # seconds, or None
         self.state = QUEUED
         self.attempts = 0  # times it was started (the events' attempt numbers)
@@ -129,8 +131,8 @@ class StepLifecycle:
 
     # -- the entry points' side ---------------------------------------------------
 
-    def add(self, spec: AgentStepSpec, data: bytes, position: int | None = None) -> int:
-        """Queue a checked spec (and its wire bytes); returns its index.
+    def add(self, spec: AgentStepSpec, data: bytes | None, position: int | None = None) -> int:
+        """Queue a checked spec (and its wire bytes, or None to encode it when sent); its index.
 
         ``position`` is where the step sits in the caller's input, the
         ``index`` of its events (by default, its index: the order of ``add``).
@@ -228,8 +230,31 @@ class StepLifecycle:
             taken.append(index)
         return taken
 
+    def take_wire(self, count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+        """Up to ``count`` queued steps as (index, attempt, wire bytes), now marked sent,
+        stopping once they hold ``max_bytes`` (at least one step); none once stopping."""
+        chunk: list[tuple[int, int, bytes]] = []
+        if self.stopping:
+            return chunk
+        queue = self._queue
+        steps = self.steps
+        size = 0
+        while queue and len(chunk) < count and size < max_bytes:
+            index = queue.popleft()
+            record = steps[index]
+            record.state = SENT
+            data = record.data
+            if data is None:
+                data = _encode_spec(record.spec)
+            size += len(data)
+            chunk.append((index, record.attempts + 1, data))
+        return chunk
+
     def data(self, index: int) -> bytes:
-        return self.steps[index].data
+        """The step's wire bytes: kept for a small spec, encoded anew for a large one."""
+        record = self.steps[index]
+        data = record.data
+        return _encode_spec(record.spec) if data is None else data
 
     def spec(self, index: int) -> AgentStepSpec:
         return self.steps[index].spec

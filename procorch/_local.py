@@ -68,11 +68,22 @@ LOCAL_GUARDS = frozenset(
 )
 
 # Chunk sizing: a larger target amortises the round trip over more steps; a
-# smaller one keeps the tail of a batch balanced across lanes.
-_CHUNK_SECONDS = 0.005
-_MAX_CHUNK = 256
+# smaller one keeps the tail of a batch balanced across lanes (the fair-share
+# cap below does that too). A chunk transition costs its worker about 0.5 ms
+# of loky's own work, so a 50 ms chunk loses 1 % at most.
+_CHUNK_SECONDS = 0.05
+_MAX_CHUNK = 8192
+_MAX_CHUNK_BYTES = 4 * 1024 * 1024  # of specs: a chunk of long prompts holds one or a few
 _PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
-_QUEUE_BEHIND_BELOW = 0.01  # seconds: mean step time under which chunks queue up
+# Under this mean step time a second chunk queues behind a lane's running one
+# as soon as that one has begun: the worker never waits for the parent.
+_QUEUE_BEHIND_BELOW = 0.01
+# Under this one, a second chunk queues once the lane runs the last step it
+# holds, so it waits behind that one step at most (as ProcessPoolExecutor's
+# one extra queued call does). Slower steps never queue: queued work cannot
+# be taken back, and a step queued behind a one-second step waits a second
+# while another lane may be idle, for a gain of under 0.1 %.
+_QUEUE_LAST_BELOW = 0.1
 
 # How long a lane may hold steps without starting any before it is taken for
 # frozen (SIGSTOPped, wedged) and killed; its steps run elsewhere, uncharged.
@@ -156,38 +167,48 @@ class LocalBackend:
 
     def start_ready(self) -> None:
         steps = self._steps()
-        # Idle lanes first; then, for quick steps only, a second chunk queued
-        # behind a running one. A step queued behind a slow one would wait for
-        # it (queued work cannot be taken back), so slow steps never queue.
-        quick = self.mean_duration is not None and self.mean_duration < _QUEUE_BEHIND_BELOW
-        depth = _PIPELINE_DEPTH if quick else 1
-        for work in sorted(self.works, key=lambda work: len(work.chunks)):
+        # Idle lanes first; then a second chunk queued behind a running one:
+        # for quick steps as soon as it has begun, for steps up to
+        # _QUEUE_LAST_BELOW once it runs its last step. A step queued behind a
+        # slow one would wait for it (queued work cannot be taken back).
+        mean = self.mean_duration
+        quick = mean is not None and mean < _QUEUE_BEHIND_BELOW
+        queue_last = mean is not None and mean < _QUEUE_LAST_BELOW
+        works = self.works if len(self.works) == 1 else sorted(self.works, key=_held)
+        if queue_last and not quick and any(not work.sent for work in works):
+            queue_last = False  # a lane is (about to be) free: nothing waits behind a step
+        for work in works:
             if not steps.queued:
                 return
-            if len(work.chunks) >= depth or work.retiring or work.lane.frames.eof:
+            if work.retiring or work.lane.frames.eof:
                 continue
-            if work.chunks and work.running is None:
-                continue  # the lane has not begun what it holds: nothing more behind it
-            indices = steps.take(self._chunk_size())
-            chunk = [(index, steps.attempt(index)) for index in indices]
+            if work.chunks:
+                if len(work.chunks) >= _PIPELINE_DEPTH or work.running is None:
+                    continue  # full, or it has not begun what it holds: nothing behind it
+                if not quick and not (queue_last and len(work.sent) == 1):
+                    continue
+            chunk = steps.take_wire(self._chunk_size(), _MAX_CHUNK_BYTES)
+            if not chunk:
+                return
             try:
                 future = work.lane.submit(
                     self.token,
                     self.blob,
-                    [(index, attempt, steps.data(index)) for index, attempt in chunk],
+                    chunk,
                     self.options.capture,
                     self.retire_above,
                     self.options.sandbox,
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.
-                steps.gave_back(indices)
+                steps.gave_back([index for index, _, _ in chunk])
                 if not work.chunks:
                     self._replace_lane(work)
                 continue
             future.add_done_callback(steps.wake)
-            work.chunks.append((future, chunk))
-            work.sent.extend(chunk)
+            ids = [(index, attempt) for index, attempt, _ in chunk]
+            work.chunks.append((future, ids))
+            work.sent.extend(ids)
             if work.running is None and work.waiting_since is None:
                 work.waiting_since = time.monotonic()
 
@@ -487,6 +508,10 @@ class LocalBackend:
         return StopFacts(
             pid=pid, printed=printed, stopped=f"its worker process (pid {pid}) was killed"
         )
+
+
+def _held(work: _LaneWork) -> int:
+    return len(work.chunks)
 
 
 def _expecting(work: _LaneWork, expected: _Id | None) -> str:
