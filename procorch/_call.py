@@ -150,8 +150,6 @@ def add_step(dispatch: Any, spec: AgentStepSpec, data: bytes | None, position: i
 # not hold every prompt twice (400 MB of prompts: parent peak +550 MB before).
 KEEP_ENCODED_BYTES = 64 * 1024
 
-_STR_FIELDS = ("task_id", "agent", "description", "prompt")
-
 
 def check_spec(index: int, spec: Any) -> bytes | None:
     """The spec's wire bytes (None when large: encoded again at sending), or
@@ -183,14 +181,17 @@ def check_spec(index: int, spec: Any) -> bytes | None:
 
 def _plain(spec: AgentStepSpec) -> bool:
     """Whether every field has the type the decoder wants (then decoding it back proves nothing)."""
-    for field in _STR_FIELDS:
-        if type(getattr(spec, field)) is not str:
-            return False
     max_steps = spec.max_steps
-    if max_steps is not None and (type(max_steps) is not int or max_steps < 0):
-        return False
     parent = spec.parent_session_id
-    return (parent is None or type(parent) is str) and spec.output_schema is None
+    return (
+        type(spec.task_id) is str
+        and type(spec.agent) is str
+        and type(spec.description) is str
+        and type(spec.prompt) is str
+        and (max_steps is None or (type(max_steps) is int and max_steps >= 0))
+        and (parent is None or type(parent) is str)
+        and spec.output_schema is None
+    )
 
 
 def _unencodable_text(spec: AgentStepSpec, exc: UnicodeEncodeError) -> str:

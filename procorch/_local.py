@@ -302,6 +302,8 @@ class LocalBackend:
         if error is not None:
             self._protocol_fault(work, f"a frame could not be decoded: {error}")
             return
+        if work.running is None and work.sent and work.waiting_since is None:
+            work.waiting_since = time.monotonic()  # it holds steps and runs none of them
         for future, _ in returned:
             failure = future.exception()
             if isinstance(failure, BrokenProcessPool):
@@ -332,15 +334,13 @@ class LocalBackend:
         if kind is Done:
             if work.running != identity:
                 return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
-            sent = work.sent
-            sent.popleft()
+            work.sent.popleft()
             work.running = None
-            if sent:
-                work.waiting_since = time.monotonic()
+            # The frozen-lane clock starts at the end of _service if no Started followed.
             duration = frame.duration
             mean = self.mean_duration
             self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
-            self._steps().finished(frame.step, frame.attempt, frame.outcome, duration)
+            self.steps.finished(frame.step, frame.attempt, frame.outcome, duration)  # type: ignore[union-attr]
             return None
         if kind is Started or kind is Retire:
             if work.running is not None or not work.sent or work.sent[0] != identity:
@@ -349,7 +349,7 @@ class LocalBackend:
             if kind is Retire:
                 work.retiring = True
                 return None
-            if not self._steps().started(frame.step, frame.attempt, frame.pid, frame.at):
+            if not self.steps.started(frame.step, frame.attempt, frame.pid, frame.at):  # type: ignore[union-attr]
                 return f"step {identity} was not waiting to start"
             work.running = identity
             work.pid = frame.pid
