@@ -10,6 +10,10 @@ decode, is a protocol fault (the lane is stopped, the step it concerns fails
 saying so), never a guess. A pipe carries one writer's frames in order, and
 a worker that dies mid-write can only spoil its own lane's channel, which
 dies with it.
+
+Frames are never tracked by the garbage collector (``gc=False``): they hold
+no cycles (a decoded value is a tree), and two of them per step would
+otherwise feed the collections that a call of many quick steps pays for.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ._messages import safe_text
 from ._model import StepOutcome
 
 
-class Started(msgspec.Struct, tag="s", array_like=True):
+class Started(msgspec.Struct, tag="s", array_like=True, gc=False):
     """The worker begins ``step``; ``at`` is its ``time.monotonic()`` at that instant.
 
     On Linux and macOS that clock is the same for every process of the
@@ -39,13 +43,13 @@ class Started(msgspec.Struct, tag="s", array_like=True):
     at: float
 
 
-class Progress(msgspec.Struct, tag="p", array_like=True):
+class Progress(msgspec.Struct, tag="p", array_like=True, gc=False):
     step: int
     attempt: int
     data: Any
 
 
-class Done(msgspec.Struct, tag="d", array_like=True):
+class Done(msgspec.Struct, tag="d", array_like=True, gc=False):
     """The step is over; ``duration`` is measured in the worker."""
 
     step: int
@@ -54,7 +58,7 @@ class Done(msgspec.Struct, tag="d", array_like=True):
     duration: float
 
 
-class Retire(msgspec.Struct, tag="r", array_like=True):
+class Retire(msgspec.Struct, tag="r", array_like=True, gc=False):
     """The worker grew past the call's recycle threshold and declines ``step`` and the rest."""
 
     step: int
