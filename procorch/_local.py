@@ -20,13 +20,15 @@ Data flow for one call (the calling thread does all of it)::
 - A lane that was sent steps and announces none of them within
   ``_ANNOUNCE_SECONDS`` (a frozen or wedged worker) is killed, and its steps
   are given back: nothing waits behind a worker that cannot run it.
-- Chunks amortise the round trip to the worker for quick steps: their size
-  grows from 1 so that a chunk lasts about ``_CHUNK_SECONDS``, and shrinks at
-  the end of the batch so every lane stays busy. While steps are quick (a
-  mean under ``_QUEUE_BEHIND_BELOW``) each lane also holds a second chunk
-  queued behind the running one, so a worker never waits for the parent
-  between chunks; slower steps never queue, since work queued on a worker
-  cannot be taken back if the step ahead of it turns out slow.
+- Chunks amortise the round trip to the worker: their size grows from 1 so
+  that a chunk lasts about ``_CHUNK_SECONDS`` whatever the step time, capped
+  by bytes of specs, and shrinks at the end of the batch so every lane stays
+  busy. While steps are quick (a mean under ``_QUEUE_BEHIND_BELOW``) each
+  lane also holds a second chunk queued behind the running one, so a worker
+  never waits for the parent between chunks; steps under
+  ``_QUEUE_LAST_BELOW`` queue one behind a lane's last running step while no
+  other lane is free; slower steps never queue, since work queued on a
+  worker cannot be taken back if the step ahead of it turns out slow.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ LOCAL_GUARDS = frozenset(
 # Chunk sizing: a larger target amortises the round trip over more steps; a
 # smaller one keeps the tail of a batch balanced across lanes (the fair-share
 # cap below does that too). A chunk transition costs its worker about 0.5 ms
-# of loky's own work, so a 50 ms chunk loses 1 % at most.
-_CHUNK_SECONDS = 0.05
+# of loky's own work, so a 100 ms chunk loses 0.5 % at most.
+_CHUNK_SECONDS = 0.1
 _MAX_CHUNK = 8192
 _MAX_CHUNK_BYTES = 4 * 1024 * 1024  # of specs: a chunk of long prompts holds one or a few
 _PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
