@@ -218,10 +218,9 @@ class LocalBackend:
         return [work.lane.channel for work in self.works if work.busy and not work.lane.frames.eof]
 
     def next_wakeup(self) -> float | None:
-        bound = self._announce_bound()
-        wake_at = [
-            work.waiting_since + bound for work in self.works if work.waiting_since is not None
-        ]
+        waiting = [work.waiting_since for work in self.works if work.waiting_since is not None]
+        bound = self._announce_bound() if waiting else 0.0
+        wake_at = [since + bound for since in waiting]
         if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
         return min(wake_at) if wake_at else None
@@ -438,6 +437,8 @@ class LocalBackend:
 
     def _check_announcements(self) -> None:
         """Kill lanes that hold steps and started none of them in time (frozen workers)."""
+        if all(work.waiting_since is None for work in self.works):
+            return
         now = time.monotonic()
         bound = self._announce_bound()
         for work in self.works:
