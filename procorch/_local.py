@@ -112,7 +112,16 @@ _SIGXCPU = -24  # the exit code of a worker that went over RLIMIT_CPU
 class _LaneWork:
     """What one lane of this call is doing."""
 
-    __slots__ = ("chunks", "lane", "pid", "retiring", "running", "sent", "waiting_since")
+    __slots__ = (
+        "chunks",
+        "lane",
+        "maybe_returned",
+        "pid",
+        "retiring",
+        "running",
+        "sent",
+        "waiting_since",
+    )
 
     def __init__(self, lane: _Lane) -> None:
         self.lane = lane
@@ -124,6 +133,12 @@ class _LaneWork:
         # Since when the lane holds steps without running any (None: it runs
         # one, or holds none): the frozen-worker clock.
         self.waiting_since: float | None = None
+        # Set (from loky's thread) when one of its calls returned: only then
+        # are the futures looked at, each look taking the future's lock.
+        self.maybe_returned = False
+
+    def note_return(self, _: object) -> None:
+        self.maybe_returned = True
 
     @property
     def busy(self) -> bool:
@@ -207,6 +222,7 @@ class LocalBackend:
                 if not work.chunks:
                     self._replace_lane(work)
                 continue
+            future.add_done_callback(work.note_return)  # first: set before the wake-up
             future.add_done_callback(steps.wake)
             ids = [(index, attempt) for index, attempt, _ in chunk]
             work.chunks.append((future, ids))
@@ -292,7 +308,10 @@ class LocalBackend:
         # Look at the calls before draining: a worker writes a chunk's last
         # frame before its call returns, so once a call is seen returned every
         # frame of its chunk is already in the pipe. Looking after draining races.
-        returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
+        returned = []
+        if work.maybe_returned:
+            work.maybe_returned = False  # before looking: a later return sets it again
+            returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
         frames, error = work.lane.frames.read()
         on_frame = self._on_frame
         for frame in frames:
