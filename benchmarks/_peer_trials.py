@@ -544,6 +544,98 @@ def memory(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# -- the hot path (issue 16): efficiency, joblib's dispatch, large payloads -----------
+
+
+def efficiency(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` busy loops of ``step_ms``: seconds inside steps (measured where they ran) / wall.
+
+    2.00 means both workers were always inside a step. The parent's CPU time
+    is recorded too: at 1 ms steps it competes with the workers for the cores.
+    """
+    steps, loops = p["steps"], p["loops"]
+    cpu_before = time.process_time()
+    if peer is None:
+        seconds, raw = timed_procorch(work.TimedBusyExecutor(loops), _specs(steps))
+        inside = [float(o.output) for o in raw if o.success]
+    else:
+        seconds, outcomes = _timed_peer(peer, work.timed_busy_loop, [(loops,)] * steps)
+        inside = [float(value) for ok, value in outcomes if ok]
+    return {
+        "seconds": seconds,
+        "inside": sum(inside),
+        "efficiency": sum(inside) / seconds,
+        "step_ms": sum(inside) / max(1, len(inside)) * 1e3,
+        "parent_cpu": time.process_time() - cpu_before,
+        "succeeded": len(inside),
+    }
+
+
+def dispatch_cpu(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``dispatch``, with the calling process's CPU time per step (its threads included)."""
+    cpu_before = time.process_time()
+    figures = dispatch(pool, peer, p)
+    figures["parent_cpu_us"] = (time.process_time() - cpu_before) / p["steps"] * 1e6
+    return figures
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def outputs(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``count`` steps each returning ``mb`` MB of bytes: MB/s into the caller, its peak RSS."""
+    count, size = p["count"], p["mb"] * 1_000_000
+    before = _rss()
+    if peer is None:
+        seconds, raw = timed_procorch(work.BlobExecutor(size), _specs(count))
+        sizes = [len(o.structured) for o in raw if o.success]
+    else:
+        seconds, outcomes = _timed_peer(peer, work.make_blob, [(size,)] * count)
+        sizes = [len(value) for ok, value in outcomes if ok]
+    peak = _peak_rss()
+    return {
+        "seconds": seconds,
+        "mb_per_s": sum(sizes) / 1e6 / seconds,
+        "peak_mb": peak / MIB,
+        "peak_above_mb": max(0, peak - before) / MIB,
+        "succeeded": sum(1 for n in sizes if n == size),
+    }
+
+
+def prompts(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """``count`` steps given a distinct ``mb`` MB prompt each: MB/s, the caller's peak RSS."""
+    count, size = p["count"], p["mb"] * 1_000_000
+    texts = [f"{i:08d}".ljust(size, "y") for i in range(count)]
+    before = _rss()
+    if peer is None:
+        spec = _procorch().AgentStepSpec
+        specs = [spec(str(i), "step", "", text) for i, text in enumerate(texts)]
+        seconds, raw = timed_procorch(work.PromptExecutor(2), specs)
+        lengths = [int(o.output) for o in raw if o.success]
+    else:
+        seconds, outcomes = _timed_peer(peer, work.prompt_length, [(text,) for text in texts])
+        lengths = [int(value) for ok, value in outcomes if ok]
+    peak = _peak_rss()
+    return {
+        "seconds": seconds,
+        "mb_per_s": count * size / 1e6 / seconds,
+        "peak_mb": peak / MIB,
+        "peak_above_mb": max(0, peak - before) / MIB,
+        "succeeded": sum(1 for n in lengths if n == size),
+    }
+
+
+HOT_PATH_WORKLOADS: dict[str, Callable[[str, Peer | None, dict[str, Any]], dict[str, Any]]] = {
+    "eff10": efficiency,
+    "eff1": efficiency,
+    "dispatch_joblib": dispatch_cpu,
+    "out10": outputs,
+    "out100": outputs,
+    "prompts": prompts,
+}
+
+
 WORKLOADS: dict[str, Callable[[str, Peer | None, dict[str, Any]], dict[str, Any]]] = {
     "dispatch": dispatch,
     "cpu": cpu,
@@ -551,6 +643,7 @@ WORKLOADS: dict[str, Callable[[str, Peer | None, dict[str, Any]], dict[str, Any]
     "recovery": recovery,
     "events": events,
     "memory": memory,
+    **HOT_PATH_WORKLOADS,
 }
 
 

@@ -159,3 +159,55 @@ class EmitExecutor(_Sized):
         for _ in range(self.count):
             emit(time.monotonic())
         return _ok(spec)
+
+
+# -- the hot path: efficiency and large payloads (issue 16) ---------------------
+
+
+def timed_busy_loop(loops: int) -> float:
+    """``busy_loop(loops)``; the seconds it took, measured where it ran."""
+    start = time.perf_counter()
+    busy_loop(loops)
+    return time.perf_counter() - start
+
+
+def make_blob(size: int) -> bytes:
+    """A result of ``size`` bytes."""
+    return b"x" * size
+
+
+def prompt_length(prompt: str) -> int:
+    """What a step that reads its whole (large) prompt returns."""
+    return len(prompt)
+
+
+class TimedBusyExecutor(_Sized):
+    """Runs ``timed_busy_loop(loops)``; the output is the seconds spent inside the step."""
+
+    def __init__(self, loops: int, workers: int = 2) -> None:
+        super().__init__(workers)
+        self.loops = loops
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        return _ok(spec, repr(timed_busy_loop(self.loops)))
+
+
+class BlobExecutor(_Sized):
+    """Returns ``make_blob(size)`` as the outcome's ``structured`` (msgpack bin, not text)."""
+
+    def __init__(self, size: int, workers: int = 2) -> None:
+        super().__init__(workers)
+        self.size = size
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        outcome = _ok(spec)
+        return StepOutcome(
+            outcome.task_id, outcome.session_id, outcome.agent, "", True, make_blob(self.size)
+        )
+
+
+class PromptExecutor(_Sized):
+    """Returns ``prompt_length(spec.prompt)``."""
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        return _ok(spec, str(prompt_length(spec.prompt)))

@@ -105,6 +105,7 @@ class Sizes:
     quick: dict[str, Any]
     timeout: tuple[float, float]  # seconds a trial may take: full, quick
     slow: bool = False  # fewer repetitions in a full run
+    pools: Sequence[str] = POOLS
 
 
 SIZES = {
@@ -142,6 +143,55 @@ SIZES = {
     ),
 }
 
+# The hot path (issue 16): CPU-bound efficiency, joblib's dispatch, large payloads.
+_BULK_PEERS = ("procorch", "loky", "ProcessPoolExecutor")
+SIZES.update(
+    {
+        "eff10": Sizes(
+            "Efficiency: {steps} steps of {step_ms} ms (time inside steps / wall, 2.00 = ideal)",
+            {"steps": 200, "step_ms": 10},
+            {"steps": 60, "step_ms": 10},
+            (60, 60),
+            pools=("procorch", "loky", "ProcessPoolExecutor", "pebble"),
+        ),
+        "eff1": Sizes(
+            "Efficiency: {steps:,} steps of {step_ms} ms (time inside steps / wall, 2.00 = ideal)",
+            {"steps": 2000, "step_ms": 1},
+            {"steps": 500, "step_ms": 1},
+            (60, 60),
+            pools=("procorch", "loky", "ProcessPoolExecutor", "pebble"),
+        ),
+        "dispatch_joblib": Sizes(
+            "Dispatch against auto-batching: {steps:,} no-op steps, with the caller's CPU",
+            {"steps": 20_000},
+            {"steps": 2_000},
+            (60, 60),
+            pools=("procorch", "joblib"),
+        ),
+        "out10": Sizes(
+            "Large outputs: {count} steps returning {mb} MB of bytes each",
+            {"count": 40, "mb": 10},
+            {"count": 8, "mb": 10},
+            (120, 60),
+            pools=_BULK_PEERS,
+        ),
+        "out100": Sizes(
+            "Large outputs: {count} steps returning {mb} MB of bytes each",
+            {"count": 4, "mb": 100},
+            {"count": 2, "mb": 100},
+            (120, 60),
+            pools=_BULK_PEERS,
+        ),
+        "prompts": Sizes(
+            "Large prompts: {count} steps given a distinct {mb} MB prompt each",
+            {"count": 40, "mb": 10},
+            {"count": 8, "mb": 10},
+            (120, 60),
+            pools=_BULK_PEERS,
+        ),
+    }
+)
+
 
 @dataclass
 class Plan:
@@ -162,10 +212,14 @@ def make_plan(quick: bool, reps: int | None, only: Sequence[str], loops: int) ->
         params = dict(sizes.quick if quick else sizes.full)
         if key == "cpu":
             params["loops"] = loops
+        if "step_ms" in params:  # the hot path's efficiency workloads
+            params["loops"] = max(1, round(loops * params["step_ms"] / (STEP_SECONDS * 1e3)))
         default_reps = 1 if quick else (SLOW_REPS if sizes.slow else REPS)
         timeout = sizes.timeout[1] if quick else sizes.timeout[0]
         title = sizes.title.format(**params)
-        workloads.append(Workload(key, title, params, reps or default_reps, timeout))
+        workloads.append(
+            Workload(key, title, params, reps or default_reps, timeout, tuple(sizes.pools))
+        )
     return Plan(quick, workloads, loops)
 
 
@@ -443,6 +497,36 @@ def memory_row(pool: str, runs: list[dict[str, Any]]) -> Row:
     return Row(pool, growth, cells)
 
 
+def efficiency_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    cells = [
+        f"{_med(runs, 'efficiency'):.3f}",
+        f"{_med(runs, 'seconds'):.2f}",
+        f"{_med(runs, 'step_ms'):.2f}",
+        f"{_med(runs, 'parent_cpu'):.2f}",
+    ]
+    return Row(pool, _med(runs, "efficiency"), cells)
+
+
+def dispatch_cpu_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    row = dispatch_row(pool, runs)
+    row.cells.append(f"{_med(runs, 'parent_cpu_us'):.1f}")
+    return row
+
+
+def payload_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    rate = _med(runs, "mb_per_s")
+    cells = [
+        f"{rate:,.0f}",
+        f"{_med(runs, 'seconds'):.2f}",
+        f"{_med(runs, 'peak_mb'):.0f}",
+        f"{_med(runs, 'peak_above_mb'):.0f}",
+    ]
+    return Row(pool, rate, cells)
+
+
+_PAYLOAD_COLUMNS = ["MB/s", "wall s", "caller peak RSS MiB", "peak above start MiB"]
+
+
 @dataclass(frozen=True)
 class Table:
     """How one workload is summarised."""
@@ -489,6 +573,32 @@ TABLES = {
         words=("less memory", "more memory"),
     ),
 }
+
+
+TABLES.update(
+    {
+        "eff10": Table(
+            efficiency_row,
+            ["efficiency", "wall s", "ms in a step", "caller CPU s"],
+            True,
+            "efficiency (2.00 = ideal)",
+            words=("better", "worse"),
+        ),
+        "eff1": Table(
+            efficiency_row,
+            ["efficiency", "wall s", "ms in a step", "caller CPU s"],
+            True,
+            "efficiency (2.00 = ideal)",
+            words=("better", "worse"),
+        ),
+        "dispatch_joblib": Table(
+            dispatch_cpu_row, ["steps/s", "us per step", "caller CPU us/step"], True, "steps/s"
+        ),
+        "out10": Table(payload_row, _PAYLOAD_COLUMNS, True, "MB/s"),
+        "out100": Table(payload_row, _PAYLOAD_COLUMNS, True, "MB/s"),
+        "prompts": Table(payload_row, _PAYLOAD_COLUMNS, True, "MB/s"),
+    }
+)
 
 
 def _versus(mine: Row | None, peer: Row, table: Table) -> str:
@@ -649,6 +759,72 @@ TARGETS = {
     "events": events_targets,
     "memory": memory_targets,
 }
+
+
+def _runs_value(plan: Plan, key: str, pool: str, field: str) -> float | None:
+    runs = _ok_runs(plan.results.get(key, {}).get(pool, []))
+    return _med(runs, field) if runs else None
+
+
+def efficiency_targets(plan: Plan, rows: dict[str, list[Row]], key: str) -> list[Target]:
+    mine = _value(rows, key, "procorch")
+    ppe, pebble = _value(rows, key, "ProcessPoolExecutor"), _value(rows, key, "pebble")
+    best = max((v for v in (ppe, pebble) if v is not None), default=None)
+    measured = f"{_fmt(mine, '.3f')} vs {_fmt(ppe, '.3f')} / {_fmt(pebble, '.3f')}"
+    targets = []
+    if key == "eff10":
+        targets.append((">= 1.95", _fmt(mine, ".3f"), _at_least(mine, 1.95)))
+        targets.append((">= ProcessPoolExecutor's and pebble's", measured, _at_least(mine, best)))
+    else:
+        ahead = None if mine is None or best is None else mine > best
+        targets.append(("ahead of ProcessPoolExecutor and pebble", measured, ahead))
+    return targets
+
+
+def dispatch_joblib_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine, joblib = (
+        _value(rows, "dispatch_joblib", "procorch"),
+        _value(rows, "dispatch_joblib", "joblib"),
+    )
+    cpu = _runs_value(plan, "dispatch_joblib", "procorch", "parent_cpu_us")
+    return [
+        (
+            "steps/s >= 0.75x joblib's auto-batching",
+            f"{_fmt(mine, ',.0f')} vs {_fmt(joblib, ',.0f')}",
+            _at_least(mine, _scaled(joblib, 0.75)),
+        ),
+        ("caller CPU <= 3 us per step", _fmt(cpu, ".1f", " us"), _at_most(cpu, 3.0)),
+    ]
+
+
+def payload_targets(plan: Plan, rows: dict[str, list[Row]], key: str) -> list[Target]:
+    mine, ppe = _value(rows, key, "procorch"), _value(rows, key, "ProcessPoolExecutor")
+    peak = _runs_value(plan, key, "procorch", "peak_mb")
+    ppe_peak = _runs_value(plan, key, "ProcessPoolExecutor", "peak_mb")
+    return [
+        (
+            "MB/s >= ProcessPoolExecutor's",
+            f"{_fmt(mine, ',.0f')} vs {_fmt(ppe, ',.0f')}",
+            _at_least(mine, ppe),
+        ),
+        (
+            "caller peak <= 1.5x ProcessPoolExecutor's",
+            f"{_fmt(peak, '.0f', ' MiB')} vs {_fmt(ppe_peak, '.0f', ' MiB')}",
+            _at_most(peak, _scaled(ppe_peak, 1.5)),
+        ),
+    ]
+
+
+TARGETS.update(
+    {
+        "eff10": lambda plan, rows: efficiency_targets(plan, rows, "eff10"),
+        "eff1": lambda plan, rows: efficiency_targets(plan, rows, "eff1"),
+        "dispatch_joblib": dispatch_joblib_targets,
+        "out10": lambda plan, rows: payload_targets(plan, rows, "out10"),
+        "out100": lambda plan, rows: payload_targets(plan, rows, "out100"),
+        "prompts": lambda plan, rows: payload_targets(plan, rows, "prompts"),
+    }
+)
 
 
 def _target_lines(plan: Plan, rows: dict[str, list[Row]]) -> list[str]:

@@ -43,7 +43,7 @@ class SpecLine(NamedTuple):
 
     number: int
     spec: AgentStepSpec
-    data: bytes
+    data: bytes | None
 
 
 class BadLine(NamedTuple):

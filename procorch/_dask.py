@@ -99,7 +99,7 @@ from . import _messages
 from ._backend import StepBackend, StopFacts
 from ._model import StepError
 from ._options import CallOptions
-from ._protocol import Done, Progress, decode_frame, encode, progress_frame
+from ._protocol import Done, Progress, decode_frame, progress_frame
 from ._usage import UsageMeter, partial_usage
 
 if TYPE_CHECKING:
@@ -371,7 +371,7 @@ def _run_on_worker(
     """
     from distributed import Queue, get_worker
 
-    from ._worker import _decode_spec, run_step
+    from ._worker import _decode_spec, done_frame, run_step
 
     worker = get_worker()
     run = uuid.uuid4().hex  # Dask may run this task again elsewhere: each run has its own name
@@ -383,10 +383,11 @@ def _run_on_worker(
     meter = _step_meter(worker)
     if meter is not None:
         meter.begin()
-    outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
+    spec = _decode_spec(spec_bytes)
+    outcome, duration = run_step(spec, token, blob, sink)
     sink.close()
     usage = meter.end(duration) if meter is not None else partial_usage(duration)
-    done = encode(Done(step, attempt, outcome, duration, usage))
+    done = done_frame(spec, step, attempt, outcome, duration, usage)
     runs.put({**who, "d": done, "p": sink.frames})  # type: ignore[no-untyped-call]
 
 

@@ -188,7 +188,11 @@ class _WorkItem:
     __slots__ = ("data", "future", "spec", "timeout")
 
     def __init__(
-        self, future: _CallFuture[Any], spec: AgentStepSpec, data: bytes, timeout: float | None
+        self,
+        future: _CallFuture[Any],
+        spec: AgentStepSpec,
+        data: bytes | None,
+        timeout: float | None,
     ) -> None:
         self.future = future
         self.spec = spec

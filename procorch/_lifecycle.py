@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import select
 import signal
 import threading
 import time
@@ -61,6 +62,11 @@ QUEUED, SENT, RUNNING, WAITING = "queued", "sent", "running", "waiting"
 # What a backend that reports no usage leaves unknown of a finished attempt.
 _WORKER_MEASURED = partial_usage(0.0).missing
 
+_encode_spec = msgspec.msgpack.Encoder().encode
+
+_poll = getattr(select, "poll", None)
+_POLLIN = getattr(select, "POLLIN", 1)
+
 
 class StepRecord:
     """What the lifecycle knows of one unfinished step; dropped when it ends."""
@@ -80,11 +86,11 @@ class StepRecord:
     )
 
     def __init__(
-        self, spec: AgentStepSpec, data: bytes, limit: float | None, position: int
+        self, spec: AgentStepSpec, data: bytes | None, limit: float | None, position: int
     ) -> None:
         self.spec = spec
         self.position = position  # the caller's position for it (its events' index)
-        self.data = data  # its wire bytes
+        self.data = data  # its wire bytes (None: large, encoded again when sent)
         self.limit = limit  # seconds, or None
         self.state = QUEUED
         self.attempts = 0  # times it was started (the events' attempt numbers)
@@ -134,8 +140,8 @@ class StepLifecycle:
 
     # -- the entry points' side ---------------------------------------------------
 
-    def add(self, spec: AgentStepSpec, data: bytes, position: int | None = None) -> int:
-        """Queue a checked spec (and its wire bytes); returns its index.
+    def add(self, spec: AgentStepSpec, data: bytes | None, position: int | None = None) -> int:
+        """Queue a checked spec (and its wire bytes, or None to encode it when sent); its index.
 
         ``position`` is where the step sits in the caller's input, the
         ``index`` of its events (by default, its index: the order of ``add``).
@@ -234,8 +240,31 @@ class StepLifecycle:
             taken.append(index)
         return taken
 
+    def take_wire(self, count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+        """Up to ``count`` queued steps as (index, attempt, wire bytes), now marked sent,
+        stopping once they hold ``max_bytes`` (at least one step); none once stopping."""
+        chunk: list[tuple[int, int, bytes]] = []
+        if self.stopping:
+            return chunk
+        queue = self._queue
+        steps = self.steps
+        size = 0
+        while queue and len(chunk) < count and size < max_bytes:
+            index = queue.popleft()
+            record = steps[index]
+            record.state = SENT
+            data = record.data
+            if data is None:
+                data = _encode_spec(record.spec)
+            size += len(data)
+            chunk.append((index, record.attempts + 1, data))
+        return chunk
+
     def data(self, index: int) -> bytes:
-        return self.steps[index].data
+        """The step's wire bytes: kept for a small spec, encoded anew for a large one."""
+        record = self.steps[index]
+        data = record.data
+        return _encode_spec(record.spec) if data is None else data
 
     def spec(self, index: int) -> AgentStepSpec:
         return self.steps[index].spec
@@ -676,9 +705,22 @@ class StepLifecycle:
             wake_at.append(backend_wakeup)
         timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
         wake_fd = self._wake.fileno()
-        ready = wait([*self.backend.wait_handles(), wake_fd], timeout)
-        if wake_fd in ready:
-            self._wake.drain()
+        handles = self.backend.wait_handles()
+        if _poll is None:  # no poll(2) here: the portable, slower wait
+            if wake_fd in wait([*handles, wake_fd], timeout):
+                self._wake.drain()
+            return
+        # One poll object per turn, fds registered in C: a turn of quick steps
+        # (one per frame at 1 ms steps) spent a third of its time building
+        # multiprocessing.connection.wait's selector.
+        poller = _poll()
+        poller.register(wake_fd, _POLLIN)
+        for handle in handles:
+            poller.register(handle, _POLLIN)
+        for fd, _ in poller.poll(None if timeout is None else timeout * 1000):
+            if fd == wake_fd:
+                self._wake.drain()
+                break
 
 
 def _raise_keyboard_interrupt_on_sigterm() -> Any:

@@ -20,13 +20,15 @@ Data flow for one call (the calling thread does all of it)::
 - A lane that was sent steps and announces none of them within
   ``_ANNOUNCE_SECONDS`` (a frozen or wedged worker) is killed, and its steps
   are given back: nothing waits behind a worker that cannot run it.
-- Chunks amortise the round trip to the worker for quick steps: their size
-  grows from 1 so that a chunk lasts about ``_CHUNK_SECONDS``, and shrinks at
-  the end of the batch so every lane stays busy. While steps are quick (a
-  mean under ``_QUEUE_BEHIND_BELOW``) each lane also holds a second chunk
-  queued behind the running one, so a worker never waits for the parent
-  between chunks; slower steps never queue, since work queued on a worker
-  cannot be taken back if the step ahead of it turns out slow.
+- Chunks amortise the round trip to the worker: their size grows from 1 so
+  that a chunk lasts about ``_CHUNK_SECONDS`` whatever the step time, capped
+  by bytes of specs, and shrinks at the end of the batch so every lane stays
+  busy. While steps are quick (a mean under ``_QUEUE_BEHIND_BELOW``) each
+  lane also holds a second chunk queued behind the running one, so a worker
+  never waits for the parent between chunks; steps under
+  ``_QUEUE_LAST_BELOW`` queue one behind a lane's last running step while no
+  other lane is free; slower steps never queue, since work queued on a
+  worker cannot be taken back if the step ahead of it turns out slow.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
 from . import _messages
@@ -47,7 +48,7 @@ from ._model import StepError
 from ._options import CallOptions
 from ._pool import _engine, _Lane
 from ._procinfo import memory_over
-from ._protocol import Done, Progress, Retire, Started, decode_frame
+from ._protocol import Done, Retire, Started
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -69,11 +70,22 @@ LOCAL_GUARDS = frozenset(
 )
 
 # Chunk sizing: a larger target amortises the round trip over more steps; a
-# smaller one keeps the tail of a batch balanced across lanes.
-_CHUNK_SECONDS = 0.005
-_MAX_CHUNK = 256
+# smaller one keeps the tail of a batch balanced across lanes (the fair-share
+# cap below does that too). A chunk transition costs its worker about 0.5 ms
+# of loky's own work, so a 100 ms chunk loses 0.5 % at most.
+_CHUNK_SECONDS = 0.1
+_MAX_CHUNK = 8192
+_MAX_CHUNK_BYTES = 4 * 1024 * 1024  # of specs: a chunk of long prompts holds one or a few
 _PIPELINE_DEPTH = 2  # chunks a lane may hold: the running one and the next
-_QUEUE_BEHIND_BELOW = 0.01  # seconds: mean step time under which chunks queue up
+# Under this mean step time a second chunk queues behind a lane's running one
+# as soon as that one has begun: the worker never waits for the parent.
+_QUEUE_BEHIND_BELOW = 0.01
+# Under this one, a second chunk queues once the lane runs the last step it
+# holds, so it waits behind that one step at most (as ProcessPoolExecutor's
+# one extra queued call does). Slower steps never queue: queued work cannot
+# be taken back, and a step queued behind a one-second step waits a second
+# while another lane may be idle, for a gain of under 0.1 %.
+_QUEUE_LAST_BELOW = 0.1
 
 # How long a lane may hold steps without starting any before it is taken for
 # frozen (SIGSTOPped, wedged) and killed; its steps run elsewhere, uncharged.
@@ -100,7 +112,16 @@ _SIGXCPU = -24  # the exit code of a worker that went over RLIMIT_CPU
 class _LaneWork:
     """What one lane of this call is doing."""
 
-    __slots__ = ("chunks", "lane", "pid", "retiring", "running", "sent", "waiting_since")
+    __slots__ = (
+        "chunks",
+        "lane",
+        "maybe_returned",
+        "pid",
+        "retiring",
+        "running",
+        "sent",
+        "waiting_since",
+    )
 
     def __init__(self, lane: _Lane) -> None:
         self.lane = lane
@@ -112,6 +133,12 @@ class _LaneWork:
         # Since when the lane holds steps without running any (None: it runs
         # one, or holds none): the frozen-worker clock.
         self.waiting_since: float | None = None
+        # Set (from loky's thread) when one of its calls returned: only then
+        # are the futures looked at, each look taking the future's lock.
+        self.maybe_returned = False
+
+    def note_return(self, _: object) -> None:
+        self.maybe_returned = True
 
     @property
     def busy(self) -> bool:
@@ -157,25 +184,34 @@ class LocalBackend:
 
     def start_ready(self) -> None:
         steps = self._steps()
-        # Idle lanes first; then, for quick steps only, a second chunk queued
-        # behind a running one. A step queued behind a slow one would wait for
-        # it (queued work cannot be taken back), so slow steps never queue.
-        quick = self.mean_duration is not None and self.mean_duration < _QUEUE_BEHIND_BELOW
-        depth = _PIPELINE_DEPTH if quick else 1
-        for work in sorted(self.works, key=lambda work: len(work.chunks)):
+        # Idle lanes first; then a second chunk queued behind a running one:
+        # for quick steps as soon as it has begun, for steps up to
+        # _QUEUE_LAST_BELOW once it runs its last step. A step queued behind a
+        # slow one would wait for it (queued work cannot be taken back).
+        mean = self.mean_duration
+        quick = mean is not None and mean < _QUEUE_BEHIND_BELOW
+        queue_last = mean is not None and mean < _QUEUE_LAST_BELOW
+        works = self.works if len(self.works) == 1 else sorted(self.works, key=_held)
+        if queue_last and not quick and any(not work.sent for work in works):
+            queue_last = False  # a lane is (about to be) free: nothing waits behind a step
+        for work in works:
             if not steps.queued:
                 return
-            if len(work.chunks) >= depth or work.retiring or work.lane.frames.eof:
+            if work.retiring or work.lane.frames.eof:
                 continue
-            if work.chunks and work.running is None:
-                continue  # the lane has not begun what it holds: nothing more behind it
-            indices = steps.take(self._chunk_size())
-            chunk = [(index, steps.attempt(index)) for index in indices]
+            if work.chunks:
+                if len(work.chunks) >= _PIPELINE_DEPTH or work.running is None:
+                    continue  # full, or it has not begun what it holds: nothing behind it
+                if not quick and not (queue_last and len(work.sent) == 1):
+                    continue
+            chunk = steps.take_wire(self._chunk_size(), _MAX_CHUNK_BYTES)
+            if not chunk:
+                return
             try:
                 future = work.lane.submit(
                     self.token,
                     self.blob,
-                    [(index, attempt, steps.data(index)) for index, attempt in chunk],
+                    chunk,
                     self.options.capture,
                     self.retire_above,
                     self.options.sandbox,
@@ -183,13 +219,15 @@ class LocalBackend:
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.
-                steps.gave_back(indices)
+                steps.gave_back([index for index, _, _ in chunk])
                 if not work.chunks:
                     self._replace_lane(work)
                 continue
+            future.add_done_callback(work.note_return)  # first: set before the wake-up
             future.add_done_callback(steps.wake)
-            work.chunks.append((future, chunk))
-            work.sent.extend(chunk)
+            ids = [(index, attempt) for index, attempt, _ in chunk]
+            work.chunks.append((future, ids))
+            work.sent.extend(ids)
             if work.running is None and work.waiting_since is None:
                 work.waiting_since = time.monotonic()
 
@@ -197,10 +235,9 @@ class LocalBackend:
         return [work.lane.channel for work in self.works if work.busy and not work.lane.frames.eof]
 
     def next_wakeup(self) -> float | None:
-        bound = self._announce_bound()
-        wake_at = [
-            work.waiting_since + bound for work in self.works if work.waiting_since is not None
-        ]
+        waiting = [work.waiting_since for work in self.works if work.waiting_since is not None]
+        bound = self._announce_bound() if waiting else 0.0
+        wake_at = [since + bound for since in waiting]
         if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
         return min(wake_at) if wake_at else None
@@ -272,18 +309,22 @@ class LocalBackend:
         # Look at the calls before draining: a worker writes a chunk's last
         # frame before its call returns, so once a call is seen returned every
         # frame of its chunk is already in the pipe. Looking after draining races.
-        returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
-        reader = work.lane.frames
-        for data in reader.read():
-            try:
-                frame = decode_frame(data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._protocol_fault(work, f"a frame could not be decoded: {exc}")
-                return
-            problem = self._on_frame(work, frame)
+        returned = []
+        if work.maybe_returned:
+            work.maybe_returned = False  # before looking: a later return sets it again
+            returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
+        frames, error = work.lane.frames.read()
+        on_frame = self._on_frame
+        for frame in frames:
+            problem = on_frame(work, frame)
             if problem is not None:
                 self._protocol_fault(work, problem)
                 return
+        if error is not None:
+            self._protocol_fault(work, f"a frame could not be decoded: {error}")
+            return
+        if work.running is None and work.sent and work.waiting_since is None:
+            work.waiting_since = time.monotonic()  # it holds steps and runs none of them
         for future, _ in returned:
             failure = future.exception()
             if isinstance(failure, BrokenProcessPool):
@@ -309,38 +350,37 @@ class LocalBackend:
 
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
-        steps = self._steps()
+        kind = type(frame)
         identity = (frame.step, frame.attempt)
-        if isinstance(frame, (Started, Retire)):
+        if kind is Done:
+            if work.running != identity:
+                return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
+            work.sent.popleft()
+            work.running = None
+            # The frozen-lane clock starts at the end of _service if no Started followed.
+            duration = frame.duration
+            mean = self.mean_duration
+            self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
+            self.steps.finished(  # type: ignore[union-attr]
+                frame.step, frame.attempt, frame.outcome, duration, frame.usage
+            )
+            return None
+        if kind is Started or kind is Retire:
             if work.running is not None or not work.sent or work.sent[0] != identity:
                 expected = work.sent[0] if work.sent and work.running is None else None
                 return f"it announced step {identity} while {_expecting(work, expected)}"
-            if isinstance(frame, Retire):
+            if kind is Retire:
                 work.retiring = True
                 return None
-            if not steps.started(frame.step, frame.attempt, frame.pid, frame.at):
+            if not self.steps.started(frame.step, frame.attempt, frame.pid, frame.at):  # type: ignore[union-attr]
                 return f"step {identity} was not waiting to start"
             work.running = identity
             work.pid = frame.pid
             work.waiting_since = None
             return None
         if work.running != identity:
-            kind = "progress" if isinstance(frame, Progress) else "an outcome"
-            return f"it sent {kind} for step {identity} while {_expecting(work, None)}"
-        if isinstance(frame, Progress):
-            steps.progress(frame.step, frame.attempt, frame.data)
-            return None
-        assert isinstance(frame, Done)
-        work.sent.popleft()
-        work.running = None
-        if work.sent:
-            work.waiting_since = time.monotonic()
-        duration = frame.duration
-        if self.mean_duration is None:
-            self.mean_duration = duration
-        else:
-            self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
-        steps.finished(frame.step, frame.attempt, frame.outcome, duration, frame.usage)
+            return f"it sent progress for step {identity} while {_expecting(work, None)}"
+        self._steps().progress(frame.step, frame.attempt, frame.data)
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:
@@ -419,6 +459,8 @@ class LocalBackend:
 
     def _check_announcements(self) -> None:
         """Kill lanes that hold steps and started none of them in time (frozen workers)."""
+        if all(work.waiting_since is None for work in self.works):
+            return
         now = time.monotonic()
         bound = self._announce_bound()
         for work in self.works:
@@ -491,6 +533,10 @@ class LocalBackend:
         return StopFacts(
             pid=pid, printed=printed, stopped=f"its worker process (pid {pid}) was killed"
         )
+
+
+def _held(work: _LaneWork) -> int:
+    return len(work.chunks)
 
 
 def _expecting(work: _LaneWork, expected: _Id | None) -> str:

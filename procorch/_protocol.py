@@ -10,6 +10,10 @@ decode, is a protocol fault (the lane is stopped, the step it concerns fails
 saying so), never a guess. A pipe carries one writer's frames in order, and
 a worker that dies mid-write can only spoil its own lane's channel, which
 dies with it.
+
+Frames are never tracked by the garbage collector (``gc=False``): they hold
+no cycles (a decoded value is a tree), and two of them per step would
+otherwise feed the collections that a call of many quick steps pays for.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from ._model import StepOutcome
 from ._usage import StepUsage
 
 
-class Started(msgspec.Struct, tag="s", array_like=True):
+class Started(msgspec.Struct, tag="s", array_like=True, gc=False):
     """The worker begins ``step``; ``at`` is its ``time.monotonic()`` at that instant.
 
     On Linux and macOS that clock is the same for every process of the
@@ -40,13 +44,13 @@ class Started(msgspec.Struct, tag="s", array_like=True):
     at: float
 
 
-class Progress(msgspec.Struct, tag="p", array_like=True):
+class Progress(msgspec.Struct, tag="p", array_like=True, gc=False):
     step: int
     attempt: int
     data: Any
 
 
-class Done(msgspec.Struct, tag="d", array_like=True):
+class Done(msgspec.Struct, tag="d", array_like=True, gc=False):
     """The step is over; ``duration`` and ``usage`` are measured in the worker."""
 
     step: int
@@ -56,7 +60,7 @@ class Done(msgspec.Struct, tag="d", array_like=True):
     usage: StepUsage | None = None
 
 
-class Retire(msgspec.Struct, tag="r", array_like=True):
+class Retire(msgspec.Struct, tag="r", array_like=True, gc=False):
     """The worker grew past the call's recycle threshold and declines ``step`` and the rest."""
 
     step: int
@@ -89,11 +93,22 @@ SOFT_STOP_SIGNAL = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signa
 # On the pipe, each frame is its length (4 bytes, little-endian) then its bytes.
 _LENGTH = struct.Struct("<I")
 _READ_SIZE = 1 << 16
+# A frame larger than this travels apart: the worker writes its header and
+# its payload without joining them, and the parent reads it straight into
+# one buffer of its final size, with the pipe grown while it is in flight.
+LARGE_FRAME = _READ_SIZE
 
 
 def framed(payload: bytes) -> bytes:
     """The frame as it travels: its length, then its bytes."""
     return _LENGTH.pack(len(payload)) + payload
+
+
+def frame_parts(payload: bytes) -> list[bytes]:
+    """The frame as pieces to write in order: one for a small frame, header and payload else."""
+    if len(payload) <= LARGE_FRAME:
+        return [framed(payload)]
+    return [_LENGTH.pack(len(payload)), payload]
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -103,9 +118,23 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def write_parts(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` one after the other in one system call where it can, never joining them."""
+    if len(parts) == 1:
+        write_all(fd, parts[0])
+        return
+    written = os.writev(fd, parts)
+    for part in parts:  # a signal or a full pipe may cut a writev short: finish piece by piece
+        if written >= len(part):
+            written -= len(part)
+            continue
+        write_all(fd, memoryview(part)[written:])  # type: ignore[arg-type]
+        written = 0
+
+
 def write_frame(fd: int, payload: bytes) -> None:
     """Write one frame to ``fd`` (blocking until all of it is in the pipe)."""
-    write_all(fd, framed(payload))
+    write_parts(fd, frame_parts(payload))
 
 
 # A step that floods its sink outruns the parent; whatever the pipe buffers
@@ -113,58 +142,132 @@ def write_frame(fd: int, payload: bytes) -> None:
 # events: p99 latency 12 ms with two flooding steps. 8 KiB bounds it at about
 # 5 ms (p99), for ~20 % of peak event throughput (still ~370,000 a second),
 # and dispatch is unaffected: frames are read in one gulp all the same.
-_PIPE_BYTES = 8 * 1024
-_F_SETPIPE_SZ = 1031  # Linux's fcntl command; elsewhere pipes keep their size
+# While a large frame is in flight the parent grows the pipe (one system
+# call per MiB instead of per 8 KiB) and shrinks it back once it is read.
+PIPE_BYTES = 8 * 1024
+_LARGE_PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size for a user
+_F_SETPIPE_SZ = 1031  # Linux's fcntl commands; elsewhere pipes keep their size
+_F_GETPIPE_SZ = 1032
 
 
-def _shrink_pipe(fd: int) -> None:
+def _set_pipe_size(fd: int, size: int) -> bool:
+    """Resize the pipe; False where it cannot be (not Linux, or busier than ``size``)."""
     try:
         import fcntl
 
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
     except (ImportError, OSError):
-        pass
+        return False
+    return True
+
+
+def pipe_size(fd: int) -> int | None:
+    """The pipe's buffer size in bytes (None where it cannot be read)."""
+    try:
+        import fcntl
+
+        return int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+    except (ImportError, OSError):
+        return None
+
+
+Decode = Any  # a callable taking a buffer and returning a frame
 
 
 class FrameReader:
-    """Reads whole frames from a pipe without ever blocking.
+    """Reads whole frames from a pipe without ever blocking, and decodes them.
 
     The parent reads whatever the pipe holds in 64 KiB gulps (one system call
-    for hundreds of small frames) and keeps a frame cut short by its
-    writer's death in the buffer, where it is simply never completed.
+    for hundreds of small frames) and decodes each frame straight from that
+    buffer. A frame larger than ``LARGE_FRAME`` is read into one buffer of its
+    own size (no copies on the way), with the pipe grown to 1 MiB while it is
+    in flight and set back to 8 KiB once it is read. A frame cut short by its
+    writer's death stays in the buffer, where it is simply never completed.
     """
 
-    __slots__ = ("_buffer", "_fd", "eof")
+    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, decode: Decode = None) -> None:
         os.set_blocking(fd, False)
-        _shrink_pipe(fd)
+        _set_pipe_size(fd, PIPE_BYTES)
         self._fd = fd
+        self._decode = decode_frame if decode is None else decode
         self._buffer = bytearray()
+        self._large: bytearray | None = None  # a large frame being read, and how far
+        self._filled = 0
+        self._grown = False  # the pipe is larger than PIPE_BYTES
         self.eof = False  # every writer is gone
 
-    def read(self) -> list[bytes]:
-        """The complete frames available now, in order."""
-        while not self.eof:
-            try:
-                chunk = os.read(self._fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            if not chunk:
-                self.eof = True
-                break
-            self._buffer += chunk
-            if len(chunk) < _READ_SIZE:
-                break
-        frames = []
+    @property
+    def pipe_grown(self) -> bool:
+        """Whether the pipe is larger than its 8 KiB right now (a large frame in flight)."""
+        return self._grown
+
+    def read(self) -> tuple[list[Any], Exception | None]:
+        """The complete frames available now, decoded, in order; and a decode error, if any.
+
+        Frames after one that cannot be decoded are not read: the channel
+        cannot be trusted past it.
+        """
+        frames: list[Any] = []
+        fd = self._fd
+        try:
+            while not self.eof:
+                large = self._large
+                if large is not None:
+                    try:
+                        count = os.readv(fd, [memoryview(large)[self._filled :]])
+                    except BlockingIOError:
+                        break
+                    if not count:
+                        self.eof = True
+                        break
+                    self._filled += count
+                    if self._filled == len(large):
+                        self._large = None
+                        frames.append(self._decode(large))
+                    continue
+                try:
+                    chunk = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    self.eof = True
+                    break
+                self._buffer += chunk
+                self._split(frames)
+                if len(chunk) < _READ_SIZE and self._large is None:
+                    break
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return frames, exc
+        if self._grown and self._large is None:
+            self._grown = not _set_pipe_size(fd, PIPE_BYTES)  # busy: try again next time
+        return frames, None
+
+    def _split(self, frames: list[Any]) -> None:
+        """Decode the buffer's complete frames; start reading a large one apart."""
         buffer = self._buffer
+        decode = self._decode
         start = 0
-        while len(buffer) - start >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(buffer, start)
-            end = start + _LENGTH.size + size
-            if end > len(buffer):
-                break
-            frames.append(bytes(buffer[start + _LENGTH.size : end]))
-            start = end
-        del buffer[:start]
-        return frames
+        size_of = _LENGTH.unpack_from
+        header = _LENGTH.size
+        end_of_data = len(buffer)
+        try:
+            with memoryview(buffer) as view:
+                while end_of_data - start >= header:
+                    (size,) = size_of(buffer, start)
+                    end = start + header + size
+                    if end > end_of_data:
+                        if size > LARGE_FRAME:
+                            large = bytearray(size)
+                            have = end_of_data - start - header
+                            large[:have] = view[start + header :]
+                            self._large, self._filled = large, have
+                            start = end_of_data
+                            if not self._grown:
+                                self._grown = _set_pipe_size(self._fd, _LARGE_PIPE_BYTES)
+                        break
+                    frames.append(decode(view[start + header : end]))
+                    start = end
+        finally:
+            del buffer[:start]

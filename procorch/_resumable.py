@@ -73,7 +73,7 @@ def execute_steps_parallel_resumable(
 
 
 def _run(
-    call: Any, specs: list[AgentStepSpec], wire: list[bytes], journal: Any
+    call: Any, specs: list[AgentStepSpec], wire: list[bytes | None], journal: Any
 ) -> list[StepOutcome]:
     done = journal.completed()
     outcomes: list[StepOutcome | None] = [None] * len(specs)

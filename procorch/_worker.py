@@ -50,14 +50,16 @@ from ._protocol import (
     Retire,
     Started,
     encode,
+    frame_parts,
     framed,
     progress_frame,
     write_all,
     write_frame,
+    write_parts,
 )
 from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
-from ._usage import UsageMeter
+from ._usage import StepUsage, UsageMeter
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -336,21 +338,70 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
     return result
 
 
-def _sendable(spec: AgentStepSpec, outcome: StepOutcome) -> StepOutcome:
-    """The outcome if the parent can read it back, else a failure naming the field at fault."""
+class _OutcomeCheck(msgspec.Struct, omit_defaults=True):
+    """``StepOutcome`` with ``structured`` left raw: a view into the frame, never decoded."""
+
+    task_id: str
+    session_id: str
+    agent: str
+    output: str
+    success: bool
+    structured: msgspec.Raw = msgspec.Raw(b"")
+    error: StepError | None = None
+
+
+class _DoneCheck(msgspec.Struct, tag="d", array_like=True):
+    step: int
+    attempt: int
+    outcome: _OutcomeCheck
+    duration: float
+
+
+_check_done = msgspec.msgpack.Decoder(_DoneCheck).decode
+
+
+def done_frame(
+    spec: AgentStepSpec,
+    step: int,
+    attempt: int,
+    outcome: StepOutcome,
+    duration: float,
+    usage: StepUsage | None = None,
+) -> bytes:
+    """The step's ``Done`` frame, encoded once; a failure naming the field at fault if the
+    parent could not read the outcome back.
+
+    The check decodes every field the parent validates but leaves ``structured``
+    (``Any`` to the parent: any encodable value decodes) as a view into the
+    frame, so a 100 MB result costs one encode, not an encode, a decode and a
+    second encode. Never raises.
+    """
     try:
-        _decode_outcome(encode(outcome))
-        return outcome
-    except msgspec.ValidationError as exc:
-        return _failure(
-            spec,
-            "invalid_result",
-            _messages.malformed_outcome(spec, exc),
-            None,
-        )
-    except Exception as exc:  # TypeError, OverflowError, UnicodeEncodeError, RecursionError...
+        payload = encode(Done(step, attempt, outcome, duration, usage))
+        _check_done(payload)
+        return payload
+    except msgspec.ValidationError:
+        # Rare: say it exactly as the parent's decoder would of the outcome alone.
+        try:
+            _decode_outcome(encode(outcome))
+            return payload  # the parent's own decoder is the judge
+        except msgspec.ValidationError as exc:
+            problem: StepOutcome = _failure(
+                spec, "invalid_result", _messages.malformed_outcome(spec, exc), None
+            )
+        except BaseException as exc:
+            problem = _unsendable(spec, outcome, exc)
+    except BaseException as exc:  # TypeError, OverflowError, UnicodeEncodeError, RecursionError...
+        problem = _unsendable(spec, outcome, exc)
+    return encode(Done(step, attempt, problem, duration, usage))
+
+
+def _unsendable(spec: AgentStepSpec, outcome: StepOutcome, exc: BaseException) -> StepOutcome:
+    try:
         message = _messages.unsendable_outcome(spec, _unsendable_field(outcome), exc)
         return _failure(spec, "serialization", message, None)
+    except BaseException as why:
+        return _failure(spec, "serialization", _messages.unreportable(spec, why), why)
 
 
 def _unsendable_field(outcome: StepOutcome) -> str | None:
@@ -365,14 +416,14 @@ def _unsendable_field(outcome: StepOutcome) -> str | None:
 def run_step(
     spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any
 ) -> tuple[StepOutcome, float]:
-    """Run one step; the outcome (always one the parent can decode) and its duration.
+    """Run one step; its outcome and its duration (``done_frame`` checks it can be sent).
 
     Never raises: any failure, the executor's or one while turning its result
     into a report, is the step's labelled failure.
     """
     start = time.perf_counter()
     try:
-        outcome = _sendable(spec, _run(spec, token, blob, sink))
+        outcome = _run(spec, token, blob, sink)
     except BaseException as exc:  # e.g. a RecursionError while formatting a report
         outcome = _failure(
             spec,
@@ -411,7 +462,7 @@ def run_steps(
     # next step starts microseconds later, and a write costs about 2 us.
     # Nothing of a step runs before its Started is written, so no Done waits
     # on user code; the chunk's last Done goes out before the call returns.
-    unsent: list[bytes] = []  # the framed Done of the step just run
+    unsent: list[bytes] = []  # the Done of the step just run, in pieces to write
     try:
         for step, attempt, spec_bytes in chunk:
             if not _start(fd, step, attempt, retire_above, unsent):
@@ -422,7 +473,8 @@ def run_steps(
             blob = None  # unpickled with the first step; the rest reuse it
     finally:
         if unsent:
-            write_all(fd, unsent.pop())
+            write_parts(fd, unsent)
+            unsent.clear()
 
 
 def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]) -> bool:
@@ -430,12 +482,19 @@ def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: l
     global _retired
     if retire_above is not None and not _retired:
         _retired = memory_over(tree_pids(os.getpid()), retire_above) is not None
-    done = unsent.pop() if unsent else b""
     if _retired:
-        write_all(fd, done + framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
+        unsent.append(framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
+        write_parts(fd, unsent)
+        unsent.clear()
         return False
     _repair_std_streams()
-    write_all(fd, done + framed(encode(Started(step, attempt, os.getpid(), time.monotonic()))))
+    started = framed(encode(Started(step, attempt, os.getpid(), time.monotonic())))
+    if len(unsent) == 1:  # a small Done: one buffer, one write
+        write_all(fd, unsent.pop() + started)
+    else:
+        unsent.append(started)
+        write_parts(fd, unsent)
+        unsent.clear()
     return True
 
 
@@ -471,7 +530,7 @@ def _run_one(
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.append(framed(encode(Done(step, attempt, outcome, duration, usage))))
+    unsent.extend(frame_parts(done_frame(spec, step, attempt, outcome, duration, usage)))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -922,3 +923,52 @@ def wait_for_file(path: Path, within: float = 60.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+class HotPathExecutor(AgentExecutor):
+    """Steps for the fast paths: long chunks, large frames, guards inside a chunk.
+
+    Agents: ok (structured: the worker's pid), segfault, big (structured: the
+    prompt's number of bytes of b"z"), cut_big (writes the start of a 32 MiB
+    frame on the lane's channel, then SIGKILLs its own worker: a large frame
+    cut short mid-write), hang (sleeps a minute), swallow (sleeps; returns
+    success when its soft time limit raises StepTimeout), emit (emits "first",
+    a 300,000-character string, then "last"), length (output: the prompt's
+    length).
+    """
+
+    def __init__(self, hint: int = 2) -> None:
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        agent = spec.agent
+        if agent == "segfault":
+            ctypes.string_at(0)
+        elif agent == "big":
+            return ok_outcome(spec, structured=b"z" * int(spec.prompt))
+        elif agent == "cut_big":
+            from procorch import _protocol, _worker
+
+            assert _worker._channel is not None
+            fd = _worker._channel.fileno()
+            _protocol.write_all(fd, struct.pack("<I", 32 << 20) + b"\x93" + b"y" * (2 << 20))
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif agent == "hang":
+            time.sleep(60)
+        elif agent == "swallow":
+            from procorch import StepTimeout
+
+            try:
+                time.sleep(60)
+            except StepTimeout:
+                return ok_outcome(spec, structured={"pid": os.getpid(), "stopped": True})
+        elif agent == "emit":
+            events.emit("first")
+            events.emit("m" * 300_000)
+            events.emit("last")
+        elif agent == "length":
+            return StepOutcome(spec.task_id, "s", agent, str(len(spec.prompt)), True)
+        return ok_outcome(spec, structured={"pid": os.getpid()})
