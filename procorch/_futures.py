@@ -32,14 +32,13 @@ Data flow::
   as the standard library's pool does.
 
 Each call travels as a step of a private executor, ``_CallRunner``: the
-callable and its arguments are cloudpickled into the spec's prompt (base64,
-since a spec is text), and the result or the exception comes back as raw
-bytes in the outcome's ``structured`` field (no base64).
+callable and its arguments, cloudpickled, go as raw bytes beside the spec
+(``_payload``), and the result or the exception comes back as raw bytes in
+the outcome's ``structured`` field: no base64 either way.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import functools
@@ -53,13 +52,17 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from typing import Any, ParamSpec, TypeVar, Unpack
 
 import cloudpickle
+import msgspec
 
 from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
+from ._payload import CarrierSpec, payload_of_this_step
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
+
+_encode = msgspec.msgpack.Encoder().encode
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -136,7 +139,7 @@ class _CallRunner(AgentExecutor):
         self.__dict__.update(state, _initialized=False)
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        fn, args, kwargs = cloudpickle.loads(base64.b64decode(spec.prompt))
+        fn, args, kwargs = cloudpickle.loads(payload_of_this_step())
         try:
             if not self._initialized and self.initializer is not None:
                 self._initialized = True
@@ -285,8 +288,9 @@ class ProcessPool(Executor):
             raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         number = next(self._numbers)
         name = getattr(fn, "__qualname__", type(fn).__name__)
-        spec = AgentStepSpec(f"call-{number}", name, "", base64.b64encode(payload).decode("ascii"))
-        data = check_spec(number, spec)
+        spec = AgentStepSpec(f"call-{number}", name, "", "")
+        check_spec(number, spec)  # the name is the caller's: it must be text
+        data = _encode(CarrierSpec(spec.task_id, spec.agent, "", "", payload=payload))
         future: _CallFuture[T] = _CallFuture(self)
         with self._lock:
             if self._broken is not None:

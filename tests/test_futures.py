@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import faulthandler
+import os
 import signal
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import pytest
 from helpers import (
     crash_on,
     gone,
+    identity,
     initialized_with,
     interval,
     raise_value_error,
@@ -322,3 +324,28 @@ def test_concurrency_is_max_workers_and_the_default_is_shared() -> None:
     """concurrency= means max_workers; both default to DEFAULT_MAX_PARALLEL_TASKS."""
     assert ProcessPool(concurrency=3)._max_workers == 3
     assert ProcessPool()._max_workers == procorch.DEFAULT_MAX_PARALLEL_TASKS
+
+
+@pytest.mark.slow
+def test_large_arguments_and_results_round_trip_byte_exact() -> None:
+    """A 50 MiB bytes argument reaches the call and comes back unchanged."""
+    blob = os.urandom(50 * 2**20)
+    with ProcessPool(1) as pool:
+        assert pool.submit(identity, blob).result(timeout=300) == blob
+        assert pool.submit(len, blob).result(timeout=300) == len(blob)
+
+
+def test_arguments_travel_as_raw_bytes_not_base64() -> None:
+    """A queued call's wire bytes are its pickled arguments plus a little, not base64 text."""
+    blob = os.urandom(4 * 2**20)
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            queued = pool.submit(len, blob)
+            with pool._lock:
+                (item,) = [item for item in pool._pending if item.future is queued]
+            assert len(blob) < len(item.data) < len(blob) + 4096  # base64: a third more
+            assert item.spec.prompt == ""
+        finally:
+            hung.cancel()
+        assert queued.result(timeout=60) == len(blob)
