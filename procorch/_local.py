@@ -27,6 +27,15 @@ Data flow for one call (the calling thread does all of it)::
   queued behind the running one, so a worker never waits for the parent
   between chunks; slower steps never queue, since work queued on a worker
   cannot be taken back if the step ahead of it turns out slow.
+- ``max_tasks_per_child``: a lane is never sent more steps than its worker
+  may still start (each ``Started`` counts, over the worker's whole life), and
+  a worker that has started its last one is retired once its calls return;
+  a fresh worker takes its place. Steps are never declined, so none is
+  given back or charged for it.
+- ``idle_timeout``: a lane whose worker has had nothing to do for that long
+  is retired (its worker exits) and replaced by a lane whose worker starts
+  only when it is sent a step; lanes given back at the end of the call are
+  retired by the engine after the same time (see ``_pool``).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from . import _messages
 from ._backend import StopFacts
 from ._model import StepError
 from ._options import CallOptions
-from ._pool import _engine, _Lane
+from ._pool import DEFAULT_IDLE_TIMEOUT, _engine, _Lane
 from ._procinfo import memory_over
 from ._protocol import Done, Progress, Retire, Started, decode_frame
 
@@ -65,6 +74,8 @@ LOCAL_GUARDS = frozenset(
         "retry",
         "capture_output",
         "cancel",
+        "max_tasks_per_child",
+        "idle_timeout",
     }
 )
 
@@ -100,7 +111,16 @@ _SIGXCPU = -24  # the exit code of a worker that went over RLIMIT_CPU
 class _LaneWork:
     """What one lane of this call is doing."""
 
-    __slots__ = ("chunks", "lane", "pid", "retiring", "running", "sent", "waiting_since")
+    __slots__ = (
+        "chunks",
+        "idle_since",
+        "lane",
+        "pid",
+        "retiring",
+        "running",
+        "sent",
+        "waiting_since",
+    )
 
     def __init__(self, lane: _Lane) -> None:
         self.lane = lane
@@ -112,6 +132,7 @@ class _LaneWork:
         # Since when the lane holds steps without running any (None: it runs
         # one, or holds none): the frozen-worker clock.
         self.waiting_since: float | None = None
+        self.idle_since: float | None = None  # its worker has had nothing to do since
 
     @property
     def busy(self) -> bool:
@@ -126,6 +147,7 @@ class _LaneWork:
         self.pid = None
         self.retiring = False
         self.waiting_since = None
+        self.idle_since = None
 
 
 class LocalBackend:
@@ -147,6 +169,9 @@ class LocalBackend:
         sandbox = options.sandbox
         self.max_processes = None if sandbox is None else sandbox.processes
         self._watch_usage = limit is not None or self.max_processes is not None
+        self.max_tasks = options.max_tasks_per_child
+        idle = options.idle_timeout
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT if idle is None else idle
         self.steps: StepLifecycle | None = None
 
     # -- the seam ----------------------------------------------------------------------
@@ -169,7 +194,13 @@ class LocalBackend:
                 continue
             if work.chunks and work.running is None:
                 continue  # the lane has not begun what it holds: nothing more behind it
-            indices = steps.take(self._chunk_size())
+            size = self._chunk_size()
+            if self.max_tasks is not None:
+                self._retire_if_spent(work)
+                size = min(size, self._room(work))
+                if size < 1:
+                    continue  # its worker will start all it may; it is retired after them
+            indices = steps.take(size)
             chunk = [(index, steps.attempt(index)) for index in indices]
             try:
                 future = work.lane.submit(
@@ -202,6 +233,12 @@ class LocalBackend:
         ]
         if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
+        if not math.isinf(self.idle_timeout):
+            wake_at.extend(
+                work.idle_since + self.idle_timeout
+                for work in self.works
+                if work.idle_since is not None
+            )
         return min(wake_at) if wake_at else None
 
     def poll(self) -> None:
@@ -209,6 +246,7 @@ class LocalBackend:
             self._service(work)
         self._check_announcements()
         self._check_usage()
+        self._check_idle()
 
     def stop(self, index: int) -> StopFacts:
         work = self._running(index)
@@ -247,7 +285,7 @@ class LocalBackend:
                 healthy.append(work.lane)
             else:
                 work.lane.close(kill=True)
-        _engine.release(healthy)
+        _engine.release(healthy, self.options.idle_timeout)
         self.works = []
 
     # -- sending -------------------------------------------------------------------------
@@ -305,6 +343,8 @@ class LocalBackend:
                     work, f"its call returned without reporting step {index} attempt {attempt}"
                 )
                 return
+        if self.max_tasks is not None:
+            self._retire_if_spent(work)
 
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
@@ -319,6 +359,7 @@ class LocalBackend:
                 return None
             if not steps.started(frame.step, frame.attempt, frame.pid, frame.at):
                 return f"step {identity} was not waiting to start"
+            work.lane.steps_started += 1
             work.running = identity
             work.pid = frame.pid
             work.waiting_since = None
@@ -410,6 +451,29 @@ class LocalBackend:
         work.reset(_engine.new_lane())
 
     # -- guards of this backend ---------------------------------------------------------
+
+    def _room(self, work: _LaneWork) -> int:
+        """How many more steps the lane may be sent under max_tasks_per_child."""
+        assert self.max_tasks is not None
+        unstarted = len(work.sent) - (work.running is not None)
+        return self.max_tasks - work.lane.steps_started - unstarted
+
+    def _retire_if_spent(self, work: _LaneWork) -> None:
+        """Replace a lane whose worker started its last step under max_tasks_per_child."""
+        assert self.max_tasks is not None
+        if not work.busy and work.lane.steps_started >= self.max_tasks:
+            self._replace_lane(work, kill=False)  # its calls returned: it exits at once
+
+    def _check_idle(self) -> None:
+        """Retire the workers that have had nothing to do for idle_timeout seconds."""
+        now = time.monotonic()
+        for work in self.works:
+            if work.busy or work.lane.pid is None:
+                work.idle_since = None  # working, or no worker started yet
+            elif work.idle_since is None:
+                work.idle_since = now
+            elif now - work.idle_since >= self.idle_timeout:
+                self._replace_lane(work, kill=False)  # a lane whose worker starts when sent work
 
     def _announce_bound(self) -> float:
         """How long a lane may hold steps without starting one (see _ANNOUNCE_SECONDS)."""

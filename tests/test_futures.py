@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import textwrap
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 from helpers import (
     crash_on,
+    crash_or_pid,
     gone,
     identity,
     initialized_with,
     interval,
+    pid_and_initargs,
+    pid_of,
     raise_value_error,
     remember_initargs,
     run_to_end,
@@ -349,3 +353,55 @@ def test_arguments_travel_as_raw_bytes_not_base64() -> None:
         finally:
             hung.cancel()
         assert queued.result(timeout=60) == len(blob)
+
+
+def test_max_tasks_per_child_replaces_workers_and_loses_no_call() -> None:
+    """No worker runs more than N calls; every call runs once, its result at its own future."""
+    with ProcessPool(2, max_tasks_per_child=2) as pool:
+        results = [f.result(timeout=60) for f in [pool.submit(pid_of, x) for x in range(12)]]
+    assert [x for x, _ in results] == list(range(12))
+    calls_per_pid = Counter(pid for _, pid in results)
+    assert max(calls_per_pid.values()) <= 2, calls_per_pid
+    assert len(calls_per_pid) >= 6
+
+
+def test_max_tasks_per_child_with_a_crash_in_the_middle_fails_only_that_call() -> None:
+    """A segfault among recycled workers fails its own call; the rest are right, N at most each."""
+    with ProcessPool(2, max_tasks_per_child=3) as pool:
+        futures = [pool.submit(crash_or_pid, x, 5) for x in range(12)]
+        error = futures[5].exception(timeout=60)
+        results = [f.result(timeout=60) for i, f in enumerate(futures) if i != 5]
+    assert isinstance(error, StepFailedError) and error.error is not None
+    assert error.error.kind == "crash" and error.error.signal == "SIGSEGV"
+    assert [x for x, _ in results] == [x for x in range(12) if x != 5]
+    calls_per_pid = Counter(pid for _, pid in results)
+    assert max(calls_per_pid.values()) <= 3, calls_per_pid
+
+
+def test_initializer_runs_again_in_each_worker_max_tasks_per_child_starts() -> None:
+    """With max_tasks_per_child=1 each call has a fresh worker, initialized once."""
+    with ProcessPool(
+        1, max_tasks_per_child=1, initializer=remember_initargs, initargs=("ready", 1)
+    ) as pool:
+        results = [pool.submit(pid_and_initargs).result(timeout=60) for _ in range(4)]
+    assert len({pid for pid, _ in results}) == 4
+    assert all(initialized == [("ready", 1)] for _, initialized in results)
+
+
+def test_idle_timeout_retires_idle_workers_and_the_pool_goes_on() -> None:
+    """Workers idle for idle_timeout seconds exit; the next call starts a fresh one."""
+    with ProcessPool(2, idle_timeout=0.5) as pool:
+        first = {f.result(timeout=60)[1] for f in [pool.submit(pid_of, x) for x in range(4)]}
+        assert gone(first, within=60)
+        assert pool.submit(pid_of, 7).result(timeout=60)[0] == 7
+
+
+def test_max_tasks_per_child_and_idle_timeout_are_checked() -> None:
+    """Out-of-range values are refused before any work, naming the guard."""
+    with pytest.raises(ValueError, match=r"max_tasks_per_child must be an int >= 1 \(got 0\)"):
+        ProcessPool(2, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match=r"idle_timeout must be a number of seconds >= 0"):
+        ProcessPool(2, idle_timeout=-1)
+    cluster = procorch.DaskBackend("tcp://127.0.0.1:1")  # never reached: refused first
+    with pytest.raises(ValueError, match="max_tasks_per_child is not available with the Dask"):
+        ProcessPool(2, backend=cluster, max_tasks_per_child=2)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 
 import msgspec
 import pytest
-from helpers import crash_on, identity, sleep_then, square
+from helpers import crash_on, gone, identity, pid_of, sleep_then, square
 
 import procorch
 from procorch import MapResult, StepFinished
@@ -102,3 +103,19 @@ def test_map_items_travel_as_raw_bytes_not_base64() -> None:
     (spec,) = _specs("identity", [blob])
     assert spec.prompt == ""
     assert len(blob) < len(msgspec.msgpack.encode(spec)) < len(blob) + 4096
+
+
+def test_map_max_tasks_per_child_bounds_items_per_worker() -> None:
+    """max_tasks_per_child is a guard of map too: no worker runs more than N items."""
+    results = procorch.map(pid_of, range(10), concurrency=2, max_tasks_per_child=3)
+    assert [r.value[0] for r in results if r.value is not None] == list(range(10))
+    calls_per_pid = Counter(r.value[1] for r in results if r.value is not None)
+    assert max(calls_per_pid.values()) <= 3, calls_per_pid
+
+
+def test_map_idle_timeout_retires_the_warm_workers_after_the_call() -> None:
+    """The workers a call gives back exit after its idle_timeout; the next call forks new ones."""
+    first = {r.value[1] for r in procorch.map(pid_of, range(4), concurrency=2, idle_timeout=0.5)}
+    assert gone(first, within=60)
+    again = {r.value[1] for r in procorch.map(pid_of, range(4), concurrency=2)}
+    assert not again & first
