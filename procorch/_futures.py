@@ -217,6 +217,12 @@ class ProcessPool(Executor):
     process before its first call. Workers start on the first ``submit``;
     ``shutdown`` (or leaving a ``with`` block) stops them.
 
+    ``max_tasks_per_child=N`` replaces a worker once it has run N calls (as
+    in ``concurrent.futures`` and loky), and ``idle_timeout=S`` retires a
+    worker left idle S seconds (loky's ``get_reusable_executor(timeout=)``;
+    300 s by default, as joblib's, ``float("inf")`` for never); the next call
+    forks a fresh worker, and the initializer runs again in it.
+
     ``future.cancel()`` cancels a call still queued, and stops a running one
     (its worker is killed; the other calls go on).
     """

@@ -15,8 +15,8 @@ process start-up again, hands lanes to calls (several calls may run at once
 from different threads, each with lanes of its own), and shuts them all down
 at interpreter exit or on :func:`shutdown`. A lane left idle longer than the
 ``idle_timeout`` of the call that gave it back (``DEFAULT_IDLE_TIMEOUT`` by
-default, loky's ``get_reusable_executor`` default) is retired by the engine's
-reaper thread: its worker exits, and the next call forks a fresh one.
+default) is retired by the engine's reaper thread: its worker exits, and the
+next call forks a fresh one.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ from ._protocol import SOFT_STOP, SOFT_STOP_SIGNAL, FrameReader
 DEFAULT_IDLE_TIMEOUT = 300.0
 """Seconds a warm worker waits idle before it exits, unless a call says otherwise.
 
-loky's ``get_reusable_executor`` default: long enough that a program making
-calls every few seconds or minutes keeps its workers warm, short enough that
-a program which is done with procorch gets its memory back without calling
-:func:`shutdown`. A new worker costs about 5 ms (the fork server).
+What joblib gives its loky workers (loky's own ``get_reusable_executor``
+says 10 s, for workers that cost about 100 ms to start): long enough that a
+program making calls every few seconds or minutes keeps its workers warm,
+short enough that a program done with procorch gets their memory back
+without calling :func:`shutdown`. A new worker costs about 5 ms here (the
+fork server), so a shorter timeout costs little.
 """
 
 
@@ -331,6 +333,8 @@ def shutdown() -> None:
     """Stop every idle worker process that procorch keeps warm between calls.
 
     The next call starts fresh workers. procorch also does this on interpreter
-    exit; call it yourself to free the processes sooner.
+    exit, and retires each idle worker after its call's ``idle_timeout``
+    (``DEFAULT_IDLE_TIMEOUT``, 300 s, by default); call it yourself to free
+    the processes sooner, the fork server's included.
     """
     _engine.shutdown()
