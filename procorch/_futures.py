@@ -52,17 +52,14 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
 from typing import Any, ParamSpec, TypeVar, Unpack
 
 import cloudpickle
-import msgspec
 
 from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._payload import CarrierSpec, payload_of_this_step
+from ._payload import carrier_wire_bytes, payload_of_this_step
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
-
-_encode = msgspec.msgpack.Encoder().encode
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -288,15 +285,14 @@ class ProcessPool(Executor):
     ) -> Future[T]:
         if self._broken is not None:
             raise BrokenPoolError(self._broken)
-        try:
-            payload = cloudpickle.dumps((fn, args, kwargs))
-        except Exception as exc:
-            raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         number = next(self._numbers)
         name = getattr(fn, "__qualname__", type(fn).__name__)
         spec = AgentStepSpec(f"call-{number}", name, "", "")
         check_spec(number, spec)  # the name is the caller's: it must be text
-        data = _encode(CarrierSpec(spec.task_id, spec.agent, "", "", payload=payload))
+        try:
+            data = carrier_wire_bytes(spec.task_id, spec.agent, (fn, args, kwargs))
+        except Exception as exc:
+            raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         future: _CallFuture[T] = _CallFuture(self)
         with self._lock:
             if self._broken is not None:

@@ -405,3 +405,17 @@ def test_max_tasks_per_child_and_idle_timeout_are_checked() -> None:
     cluster = procorch.DaskBackend("tcp://127.0.0.1:1")  # never reached: refused first
     with pytest.raises(ValueError, match="max_tasks_per_child is not available with the Dask"):
         ProcessPool(2, backend=cluster, max_tasks_per_child=2)
+
+
+def test_wire_bytes_of_a_call_are_what_msgspec_would_encode() -> None:
+    """The call pickled straight into the wire gives the bytes of encoding it afterwards."""
+    import cloudpickle
+    import msgspec
+
+    from procorch._payload import CarrierSpec, carrier_wire_bytes
+
+    call = (identity, (os.urandom(300_000),), {"key": "value"})
+    wire = carrier_wire_bytes("call-7", "identity", call)
+    expected = CarrierSpec("call-7", "identity", "", "", payload=cloudpickle.dumps(call))
+    assert wire == msgspec.msgpack.encode(expected)
+    assert msgspec.msgpack.decode(wire, type=procorch.AgentStepSpec).task_id == "call-7"
