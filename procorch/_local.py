@@ -27,9 +27,9 @@ Data flow for one call (the calling thread does all of it)::
   queued behind the running one, so a worker never waits for the parent
   between chunks; slower steps never queue, since work queued on a worker
   cannot be taken back if the step ahead of it turns out slow.
-- ``max_tasks_per_child``: a lane is never sent more steps than its worker
-  may still start (each ``Started`` counts, over the worker's whole life), and
-  a worker that has started its last one is retired once its calls return;
+- ``max_tasks_per_child``: a lane is never sent more steps of the call than
+  its worker may still start (each ``Started`` counts), and a worker that has
+  started its last one is retired once its calls return;
   a fresh worker takes its place. Steps are never declined, so none is
   given back or charged for it.
 - ``idle_timeout``: a lane whose worker has had nothing to do for that long
@@ -119,6 +119,7 @@ class _LaneWork:
         "retiring",
         "running",
         "sent",
+        "started",
         "waiting_since",
     )
 
@@ -133,6 +134,7 @@ class _LaneWork:
         # one, or holds none): the frozen-worker clock.
         self.waiting_since: float | None = None
         self.idle_since: float | None = None  # its worker has had nothing to do since
+        self.started = 0  # steps of this call its worker started (max_tasks_per_child)
 
     @property
     def busy(self) -> bool:
@@ -148,6 +150,7 @@ class _LaneWork:
         self.retiring = False
         self.waiting_since = None
         self.idle_since = None
+        self.started = 0
 
 
 class LocalBackend:
@@ -359,7 +362,7 @@ class LocalBackend:
                 return None
             if not steps.started(frame.step, frame.attempt, frame.pid, frame.at):
                 return f"step {identity} was not waiting to start"
-            work.lane.steps_started += 1
+            work.started += 1
             work.running = identity
             work.pid = frame.pid
             work.waiting_since = None
@@ -456,12 +459,12 @@ class LocalBackend:
         """How many more steps the lane may be sent under max_tasks_per_child."""
         assert self.max_tasks is not None
         unstarted = len(work.sent) - (work.running is not None)
-        return self.max_tasks - work.lane.steps_started - unstarted
+        return self.max_tasks - work.started - unstarted
 
     def _retire_if_spent(self, work: _LaneWork) -> None:
         """Replace a lane whose worker started its last step under max_tasks_per_child."""
         assert self.max_tasks is not None
-        if not work.busy and work.lane.steps_started >= self.max_tasks:
+        if not work.busy and work.started >= self.max_tasks:
             self._replace_lane(work, kill=False)  # its calls returned: it exits at once
 
     def _check_idle(self) -> None:

@@ -45,7 +45,7 @@ def execute_steps_parallel(
       and error (C code and child processes included); a failed outcome's
       ``error.printed`` holds the last 4 KiB.
     - ``cancel``: a :class:`CancelToken`; tripping it stops the call.
-    - ``max_tasks_per_child``: steps a worker process may run in its life;
+    - ``max_tasks_per_child``: steps of the call a worker process may run;
       then it is replaced by a fresh one (steps are never lost for it).
     - ``idle_timeout``: seconds a worker may sit idle, during the call or
       kept warm after it, before it exits (300 by default; ``float("inf")``

@@ -90,7 +90,6 @@ class _Lane:
         )
         self._process: Any = None
         self.executor_token: str | None = None
-        self.steps_started = 0  # by its worker process, over every call (max_tasks_per_child)
         self.retire_at: float | None = None  # while idle in the engine: when it is retired
 
     @property

@@ -355,6 +355,14 @@ def test_arguments_travel_as_raw_bytes_not_base64() -> None:
         assert queued.result(timeout=60) == len(blob)
 
 
+def test_max_tasks_per_child_gives_a_fresh_worker_every_n_calls() -> None:
+    """With one worker and N=2, calls run in pairs, each pair in a new process."""
+    with ProcessPool(1, max_tasks_per_child=2) as pool:
+        pids = [pool.submit(pid_of, x).result(timeout=60)[1] for x in range(6)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5], pids
+    assert len(set(pids)) == 3
+
+
 def test_max_tasks_per_child_replaces_workers_and_loses_no_call() -> None:
     """No worker runs more than N calls; every call runs once, its result at its own future."""
     with ProcessPool(2, max_tasks_per_child=2) as pool:
