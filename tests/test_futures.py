@@ -397,11 +397,13 @@ def test_initializer_runs_again_in_each_worker_max_tasks_per_child_starts() -> N
 
 
 def test_idle_timeout_retires_idle_workers_and_the_pool_goes_on() -> None:
-    """Workers idle for idle_timeout seconds exit; the next call starts a fresh one."""
+    """Workers idle for idle_timeout seconds exit, in the pool and kept warm after it."""
     with ProcessPool(2, idle_timeout=0.5) as pool:
         first = {f.result(timeout=60)[1] for f in [pool.submit(pid_of, x) for x in range(4)]}
         assert gone(first, within=60)
-        assert pool.submit(pid_of, 7).result(timeout=60)[0] == 7
+        x, last = pool.submit(pid_of, 7).result(timeout=60)
+        assert x == 7 and last not in first
+    assert gone([last], within=60)  # given back to the warm pool, then retired
 
 
 def test_max_tasks_per_child_and_idle_timeout_are_checked() -> None:
