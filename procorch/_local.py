@@ -29,9 +29,8 @@ Data flow for one call (the calling thread does all of it)::
   cannot be taken back if the step ahead of it turns out slow.
 - ``max_tasks_per_child``: a lane is never sent more steps of the call than
   its worker may still start (each ``Started`` counts), and a worker that has
-  started its last one is retired once its calls return;
-  a fresh worker takes its place. Steps are never declined, so none is
-  given back or charged for it.
+  started its last one is retired once its calls return, a fresh one taking
+  its place. Steps are never declined, so none is given back or charged.
 - ``idle_timeout``: a lane whose worker has had nothing to do for that long
   is retired (its worker exits) and replaced by a lane whose worker starts
   only when it is sent a step; lanes given back at the end of the call are
