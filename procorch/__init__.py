@@ -7,7 +7,7 @@ from ._aio import (
     execute_steps_parallel_async,
 )
 from ._combinators import Stage, execute_loop, execute_pipeline
-from ._dask import DaskBackend
+from ._dask import DaskBackend, cluster_threads
 from ._errors import (
     ExecutorError,
     InvalidSpecError,
@@ -79,6 +79,7 @@ __all__ = [
     "StepTimeout",
     "WorkflowJournal",
     "WorkflowLockedError",
+    "cluster_threads",
     "execute_loop",
     "execute_loop_async",
     "execute_pipeline",

@@ -42,7 +42,7 @@ from ._cli_console import Console, Display, OutputRelay, Tally, count, summary
 from ._cli_input import BadLine, SpecReader, SpecSource, UnusableInput, decoded
 from ._cli_output import EventLog, JobLog, OrderedOutcomes, OutcomeFile, UnwritableOutput
 from ._cli_run import Run
-from ._dask import DaskBackend
+from ._dask import DaskBackend, cluster_threads, ship_executor_module
 from ._errors import ExecutorError, JournalError, WorkflowLockedError
 from ._events import Event, EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
@@ -304,7 +304,8 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--concurrency",
         metavar="N",
         type=_at_least_one,
-        help="run at most N steps at once (default: the executor's concurrency_hint())",
+        help="run at most N steps at once (default: the executor's concurrency_hint(); "
+        "with --dask, the cluster's worker threads when the run starts)",
     )
     guards.add_argument(
         "--step-timeout",
@@ -417,7 +418,25 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--dask",
         metavar="ADDRESS",
         help="run the steps on the Dask cluster whose scheduler is at ADDRESS "
-        "(e.g. tcp://10.0.0.5:8786) instead of local worker processes; needs the dask extra",
+        "(e.g. tcp://10.0.0.5:8786) instead of local worker processes; needs the dask extra. "
+        "The executor's module is sent to the workers with the executor, unless it is "
+        "installed; the modules it imports must be installed there",
+    )
+    where.add_argument(
+        "--dask-tls-ca-file",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: the CA certificate(s) to trust, in PEM format",
+    )
+    where.add_argument(
+        "--dask-tls-cert",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: this client's certificate, in PEM format",
+    )
+    where.add_argument(
+        "--dask-tls-key",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: this client's private key, in PEM format "
+        "(if not in the --dask-tls-cert file)",
     )
     resume = run.add_argument_group(
         "resumable runs",
@@ -459,6 +478,15 @@ def _check_combinations(args: argparse.Namespace) -> None:
         parser.error("--workflow-id and --journal go together")
     if args.attempts == 1 and (args.retry_on is not None or args.retry_backoff is not None):
         parser.error("--retry-on and --retry-backoff need --attempts 2 or more")
+    tls = [args.dask_tls_ca_file, args.dask_tls_cert, args.dask_tls_key]
+    if any(tls) and (args.dask is None or not args.dask.startswith("tls://")):
+        parser.error("the --dask-tls-* options need --dask with a tls:// address")
+    if args.dask is not None and args.dask.startswith("tls://"):
+        if not (args.dask_tls_ca_file and args.dask_tls_cert):
+            parser.error(
+                "--dask with a tls:// address needs --dask-tls-ca-file and --dask-tls-cert "
+                "(and --dask-tls-key if the key is not in the certificate's file)"
+            )
     if args.dask is not None:
         if args.memory_limit is not None:
             parser.error(
@@ -603,10 +631,13 @@ def _stop_workers() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-async def _identify(address: str) -> None:
+async def _identify(address: str, security: Any) -> None:
     from distributed.core import rpc
 
-    scheduler = rpc(address, timeout=_DASK_PROBE_SECONDS)  # type: ignore[no-untyped-call]
+    connection_args = security.get_connection_args("client") if security is not None else {}
+    scheduler = rpc(  # type: ignore[no-untyped-call]
+        address, timeout=_DASK_PROBE_SECONDS, connection_args=connection_args
+    )
     try:
         # Connecting gives up after the probe's time; a server that is no Dask scheduler
         # never answers, and is given as long again.
@@ -615,7 +646,24 @@ async def _identify(address: str) -> None:
         await scheduler.close_rpc()  # type: ignore[no-untyped-call]
 
 
-def _dask_client(address: str) -> Any:
+def _dask_security(args: argparse.Namespace) -> Any:
+    """The ``distributed.Security`` the --dask-tls-* options ask for, or None (no TLS)."""
+    if not args.dask_tls_ca_file:
+        return None
+    import distributed
+
+    for path in (args.dask_tls_ca_file, args.dask_tls_cert, args.dask_tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise _BadInput(f"cannot read the TLS file {path!r}: no such file")
+    return distributed.Security(  # type: ignore[no-untyped-call]
+        tls_ca_file=args.dask_tls_ca_file,
+        tls_client_cert=args.dask_tls_cert,
+        tls_client_key=args.dask_tls_key,
+        require_encryption=True,
+    )
+
+
+def _dask_client(address: str, security: Any = None) -> Any:
     """A client of the scheduler at ``address``, or _BadInput within seconds if it does not answer.
 
     A probe asks the scheduler who it is before a Client is made: a Client
@@ -627,13 +675,16 @@ def _dask_client(address: str) -> Any:
     except ImportError:
         raise _BadInput("--dask needs the dask extra: pip install 'procorch[dask]'") from None
     try:
-        asyncio.run(_identify(address))
+        asyncio.run(_identify(address, security))
     except (TimeoutError, OSError, ValueError, TypeError) as exc:
         reason = str(exc) or f"no answer in {2 * _DASK_PROBE_SECONDS:g} s (is it a Dask scheduler?)"
         raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {reason}") from None
     try:
         return distributed.Client(
-            address, timeout=f"{_DASK_PROBE_SECONDS * 2:g}s", set_as_default=False
+            address,
+            timeout=f"{_DASK_PROBE_SECONDS * 2:g}s",
+            set_as_default=False,
+            security=security,
         )  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
@@ -791,14 +842,19 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
             raise _BadInput(str(exc)) from None
         stack.callback(source.close)
         executor = _load_executor(args.executor)
-        concurrency = args.concurrency or _concurrency(executor, args.executor)
-        if args.concurrency is not None:
-            executor = _ConcurrencyOverride(executor, args.concurrency)
-        cancel = CancelToken() if args.halt_on_failure is not None else None
         client = None
         if args.dask is not None:
-            client = _dask_client(args.dask)
+            ship_executor_module(args.executor.partition(":")[0], executor)
+            client = _dask_client(args.dask, _dask_security(args))
             stack.callback(client.close)
+        concurrency = (
+            args.concurrency
+            or (cluster_threads(client) if client is not None else None)
+            or _concurrency(executor, args.executor)
+        )
+        if args.concurrency is not None or client is not None:
+            executor = _ConcurrencyOverride(executor, concurrency)
+        cancel = CancelToken() if args.halt_on_failure is not None else None
         call = _prepare(executor, on_event, _guards(args, cancel, client), args.executor)
         journal: WorkflowJournal | None = None
         done: dict[str, tuple[str, StepOutcome]] = {}
