@@ -449,7 +449,11 @@ class LocalBackend:
             self._steps().gave_back(unstarted, death=death)
 
     def _replace_lane(self, work: _LaneWork, *, kill: bool = True) -> None:
-        work.lane.close(kill=kill)
+        """A fresh lane in place of this one, killed, or (``kill=False``) left to exit."""
+        if kill:
+            work.lane.close(kill=True)
+        else:  # its worker is idle: it exits in the background, no step waits for it
+            _engine.retire(work.lane)
         work.reset(_engine.new_lane())
 
     # -- guards of this backend ---------------------------------------------------------

@@ -209,13 +209,16 @@ class _Engine:
     The reaper thread sleeps until the earliest ``retire_at`` of the idle
     lanes (or until a lane is given back), takes the lanes due out of the
     idle list under the lock, so no call can acquire them meanwhile, and
-    closes them outside it.
+    closes them outside it. It also closes the lanes a call retires
+    (``retire``): a worker takes about 20 ms to exit, which the call need
+    not wait for.
     """
 
     def __init__(self) -> None:
         self._idle: list[_Lane] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # idle lanes given back, or shutdown
+        self._retired: list[_Lane] = []  # to close now, never lent again
         self._reaper: threading.Thread | None = None  # replaced or dropped: the old one ends
         self._lane_numbers = itertools.count(1)
         self._scratch: str | None = None  # a directory for the lanes' capture files
@@ -247,12 +250,22 @@ class _Engine:
                 lane.retire_at = retire_at
             self._idle.extend(lanes)
             if retire_at is not None and lanes:
-                if self._reaper is None:
-                    self._reaper = threading.Thread(
-                        target=self._reap, name="procorch-idle-workers", daemon=True
-                    )
-                    self._reaper.start()
-                self._changed.notify()
+                self._wake_reaper()
+
+    def retire(self, lane: _Lane) -> None:
+        """Close a lane whose worker is idle, in the background: its worker exits."""
+        with self._lock:
+            self._retired.append(lane)
+            self._wake_reaper()
+
+    def _wake_reaper(self) -> None:
+        """Start the reaper thread if need be, and make it look again (lock held)."""
+        if self._reaper is None:
+            self._reaper = threading.Thread(
+                target=self._reap, name="procorch-idle-workers", daemon=True
+            )
+            self._reaper.start()
+        self._changed.notify()
 
     def _reap(self) -> None:
         """The reaper thread: retire idle lanes as they come due, until shutdown."""
@@ -260,8 +273,10 @@ class _Engine:
             while self._reaper is threading.current_thread():
                 now = time.monotonic()
                 due = [lane for lane in self._idle if _due(lane, now)]
-                if due:
+                if due or self._retired:
                     self._idle = [lane for lane in self._idle if not _due(lane, now)]
+                    due += self._retired
+                    self._retired = []
                     self._lock.release()
                     try:
                         for lane in due:
@@ -279,7 +294,8 @@ class _Engine:
         if reaper is not None:
             reaper.join()  # it may be closing lanes: they are gone before the server stops
         with self._lock:
-            lanes, self._idle = self._idle, []
+            lanes, self._idle = self._idle + self._retired, []
+            self._retired = []
             scratch, self._scratch = self._scratch, None
         for lane in lanes:
             lane.close(kill=False)
