@@ -45,6 +45,8 @@ class Guards(TypedDict, total=False):
     cancel: CancelToken | None
     sandbox: Sandbox | None
     timeout_grace: float | None
+    max_tasks_per_child: int | None
+    idle_timeout: float | None
     concurrency: int | None
     backend: Any
 
@@ -135,6 +137,8 @@ _UNIVERSAL = frozenset({"backend", "concurrency"})  # read here, not by a backen
 _INSTEAD = {
     "memory_limit": ": set the workers' own limits (memory_limit on the Dask workers) instead",
     "capture_output": ": the workers' own logs keep what steps print",
+    "max_tasks_per_child": ": the cluster replaces its workers itself (dask worker --lifetime)",
+    "idle_timeout": ": the cluster's workers live as long as the cluster keeps them",
 }
 
 
@@ -275,6 +279,18 @@ def _call_options(guards: Guards) -> CallOptions:
     timeout_grace = guards.get("timeout_grace")
     if timeout_grace is not None:
         _positive("timeout_grace", timeout_grace)
+    max_tasks = guards.get("max_tasks_per_child")
+    if max_tasks is not None and (
+        isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1
+    ):
+        raise ValueError(f"max_tasks_per_child must be an int >= 1 (got {max_tasks!r})")
+    idle_timeout = guards.get("idle_timeout")
+    if idle_timeout is not None and (
+        isinstance(idle_timeout, bool)
+        or not isinstance(idle_timeout, (int, float))
+        or not idle_timeout >= 0
+    ):
+        raise ValueError(f"idle_timeout must be a number of seconds >= 0 (got {idle_timeout!r})")
     retry = guards.get("retry")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise TypeError(f"retry must be a RetryPolicy (got {type(retry).__name__})")
@@ -291,6 +307,8 @@ def _call_options(guards: Guards) -> CallOptions:
         cancel=cancel,
         sandbox=check_sandbox(guards.get("sandbox")),
         timeout_grace=timeout_grace,
+        max_tasks_per_child=max_tasks,
+        idle_timeout=idle_timeout,
     )
 
 

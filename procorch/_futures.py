@@ -32,14 +32,13 @@ Data flow::
   as the standard library's pool does.
 
 Each call travels as a step of a private executor, ``_CallRunner``: the
-callable and its arguments are cloudpickled into the spec's prompt (base64,
-since a spec is text), and the result or the exception comes back as raw
-bytes in the outcome's ``structured`` field (no base64).
+callable and its arguments, cloudpickled, go as raw bytes beside the spec
+(``_payload``), and the result or the exception comes back as raw bytes in
+the outcome's ``structured`` field: no base64 either way.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import functools
@@ -58,6 +57,7 @@ from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
+from ._payload import carrier_wire_bytes, payload_of_this_step
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
 
@@ -136,7 +136,7 @@ class _CallRunner(AgentExecutor):
         self.__dict__.update(state, _initialized=False)
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        fn, args, kwargs = cloudpickle.loads(base64.b64decode(spec.prompt))
+        fn, args, kwargs = cloudpickle.loads(payload_of_this_step())
         try:
             if not self._initialized and self.initializer is not None:
                 self._initialized = True
@@ -218,6 +218,12 @@ class ProcessPool(Executor):
     process before its first call. Workers start on the first ``submit``;
     ``shutdown`` (or leaving a ``with`` block) stops them.
 
+    ``max_tasks_per_child=N`` replaces a worker once it has run N calls (as
+    in ``concurrent.futures`` and loky), and ``idle_timeout=S`` retires a
+    worker left idle S seconds (loky's ``get_reusable_executor(timeout=)``;
+    300 s by default, as joblib's, ``float("inf")`` for never); the next call
+    forks a fresh worker, and the initializer runs again in it.
+
     ``future.cancel()`` cancels a call still queued, and stops a running one
     (its worker is killed; the other calls go on).
     """
@@ -283,14 +289,14 @@ class ProcessPool(Executor):
     ) -> Future[T]:
         if self._broken is not None:
             raise BrokenPoolError(self._broken)
-        try:
-            payload = cloudpickle.dumps((fn, args, kwargs))
-        except Exception as exc:
-            raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         number = next(self._numbers)
         name = getattr(fn, "__qualname__", type(fn).__name__)
-        spec = AgentStepSpec(f"call-{number}", name, "", base64.b64encode(payload).decode("ascii"))
-        data = check_spec(number, spec)
+        spec = AgentStepSpec(f"call-{number}", name, "", "")
+        check_spec(number, spec)  # the name is the caller's: it must be text
+        try:
+            data = carrier_wire_bytes(spec.task_id, spec.agent, (fn, args, kwargs))
+        except Exception as exc:
+            raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         future: _CallFuture[T] = _CallFuture(self)
         with self._lock:
             if self._broken is not None:

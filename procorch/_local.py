@@ -29,6 +29,14 @@ Data flow for one call (the calling thread does all of it)::
   ``_QUEUE_LAST_BELOW`` queue one behind a lane's last running step while no
   other lane is free; slower steps never queue, since work queued on a
   worker cannot be taken back if the step ahead of it turns out slow.
+- ``max_tasks_per_child``: a lane is never sent more steps of the call than
+  its worker may still start (each ``Started`` counts), and a worker that has
+  started its last one is retired once its calls return, a fresh one taking
+  its place. Steps are never declined, so none is given back or charged.
+- ``idle_timeout``: a lane whose worker has had nothing to do for that long
+  is retired (its worker exits) and replaced by a lane whose worker starts
+  only when it is sent a step; lanes given back at the end of the call are
+  retired by the engine after the same time (see ``_pool``).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from . import _messages
 from ._backend import StopFacts
 from ._model import StepError
 from ._options import CallOptions
-from ._pool import _engine, _Lane
+from ._pool import DEFAULT_IDLE_TIMEOUT, _engine, _Lane
 from ._procinfo import memory_over
 from ._protocol import Done, Retire, Started
 
@@ -66,6 +74,8 @@ LOCAL_GUARDS = frozenset(
         "retry",
         "capture_output",
         "cancel",
+        "max_tasks_per_child",
+        "idle_timeout",
     }
 )
 
@@ -114,12 +124,14 @@ class _LaneWork:
 
     __slots__ = (
         "chunks",
+        "idle_since",
         "lane",
         "maybe_returned",
         "pid",
         "retiring",
         "running",
         "sent",
+        "started",
         "waiting_since",
     )
 
@@ -133,6 +145,8 @@ class _LaneWork:
         # Since when the lane holds steps without running any (None: it runs
         # one, or holds none): the frozen-worker clock.
         self.waiting_since: float | None = None
+        self.idle_since: float | None = None  # its worker has had nothing to do since
+        self.started = 0  # steps of this call its worker started (max_tasks_per_child)
         # Set (from loky's thread) when one of its calls returned: only then
         # are the futures looked at, each look taking the future's lock.
         self.maybe_returned = False
@@ -153,6 +167,8 @@ class _LaneWork:
         self.pid = None
         self.retiring = False
         self.waiting_since = None
+        self.idle_since = None
+        self.started = 0
 
 
 class LocalBackend:
@@ -174,6 +190,9 @@ class LocalBackend:
         sandbox = options.sandbox
         self.max_processes = None if sandbox is None else sandbox.processes
         self._watch_usage = limit is not None or self.max_processes is not None
+        self.max_tasks = options.max_tasks_per_child
+        idle = options.idle_timeout
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT if idle is None else idle
         self.steps: StepLifecycle | None = None
 
     # -- the seam ----------------------------------------------------------------------
@@ -204,7 +223,13 @@ class LocalBackend:
                     continue  # full, or it has not begun what it holds: nothing behind it
                 if not quick and not (queue_last and len(work.sent) == 1):
                     continue
-            chunk = steps.take_wire(self._chunk_size(), _MAX_CHUNK_BYTES)
+            size = self._chunk_size()
+            if self.max_tasks is not None:
+                self._retire_if_spent(work)
+                size = min(size, self._room(work))
+                if size < 1:
+                    continue  # its worker will start all it may; it is retired after them
+            chunk = steps.take_wire(size, _MAX_CHUNK_BYTES)
             if not chunk:
                 return
             try:
@@ -240,6 +265,12 @@ class LocalBackend:
         wake_at = [since + bound for since in waiting]
         if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
+        if not math.isinf(self.idle_timeout):
+            wake_at.extend(
+                work.idle_since + self.idle_timeout
+                for work in self.works
+                if work.idle_since is not None
+            )
         return min(wake_at) if wake_at else None
 
     def poll(self) -> None:
@@ -247,6 +278,7 @@ class LocalBackend:
             self._service(work)
         self._check_announcements()
         self._check_usage()
+        self._check_idle()
 
     def stop(self, index: int) -> StopFacts:
         work = self._running(index)
@@ -285,7 +317,7 @@ class LocalBackend:
                 healthy.append(work.lane)
             else:
                 work.lane.close(kill=True)
-        _engine.release(healthy)
+        _engine.release(healthy, self.options.idle_timeout)
         self.works = []
 
     # -- sending -------------------------------------------------------------------------
@@ -347,6 +379,8 @@ class LocalBackend:
                     work, f"its call returned without reporting step {index} attempt {attempt}"
                 )
                 return
+        if self.max_tasks is not None:
+            self._retire_if_spent(work)
 
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
@@ -374,6 +408,7 @@ class LocalBackend:
                 return None
             if not self.steps.started(frame.step, frame.attempt, frame.pid, frame.at):  # type: ignore[union-attr]
                 return f"step {identity} was not waiting to start"
+            work.started += 1
             work.running = identity
             work.pid = frame.pid
             work.waiting_since = None
@@ -447,10 +482,37 @@ class LocalBackend:
             self._steps().gave_back(unstarted, death=death)
 
     def _replace_lane(self, work: _LaneWork, *, kill: bool = True) -> None:
-        work.lane.close(kill=kill)
+        """A fresh lane in place of this one, killed, or (``kill=False``) left to exit."""
+        if kill:
+            work.lane.close(kill=True)
+        else:  # its worker is idle: it exits in the background, no step waits for it
+            _engine.retire(work.lane)
         work.reset(_engine.new_lane())
 
     # -- guards of this backend ---------------------------------------------------------
+
+    def _room(self, work: _LaneWork) -> int:
+        """How many more steps the lane may be sent under max_tasks_per_child."""
+        assert self.max_tasks is not None
+        unstarted = len(work.sent) - (work.running is not None)
+        return self.max_tasks - work.started - unstarted
+
+    def _retire_if_spent(self, work: _LaneWork) -> None:
+        """Replace a lane whose worker started its last step under max_tasks_per_child."""
+        assert self.max_tasks is not None
+        if not work.busy and work.started >= self.max_tasks:
+            self._replace_lane(work, kill=False)  # its calls returned: it exits at once
+
+    def _check_idle(self) -> None:
+        """Retire the workers that have had nothing to do for idle_timeout seconds."""
+        now = time.monotonic()
+        for work in self.works:
+            if work.busy or work.lane.pid is None:
+                work.idle_since = None  # working, or no worker started yet
+            elif work.idle_since is None:
+                work.idle_since = now
+            elif now - work.idle_since >= self.idle_timeout:
+                self._replace_lane(work, kill=False)  # a lane whose worker starts when sent work
 
     def _announce_bound(self) -> float:
         """How long a lane may hold steps without starting one (see _ANNOUNCE_SECONDS)."""

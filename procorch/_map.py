@@ -3,8 +3,9 @@
 ``procorch.map(fn, items)`` is ``execute_steps_parallel`` for a function of
 one argument: each item becomes a step of a private executor,
 ``_FunctionRunner`` (the function travels once per worker, inside the
-executor; each item travels cloudpickled in its spec's prompt), and each
-result comes back as raw bytes in the outcome's ``structured`` field. One
+executor; each item travels cloudpickled, as raw bytes beside its spec:
+see ``_payload``), and each result comes back as raw bytes in the outcome's
+``structured`` field. One
 bad item (an exception, a segfault, a time limit, the memory cap) fails its
 own :class:`MapResult`, never the call. ``imap`` is the same on
 ``stream_steps_parallel``: lazy in, results as they finish (or in order).
@@ -12,7 +13,6 @@ own :class:`MapResult`, never the call. ``imap`` is the same on
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, Unpack
 
@@ -23,6 +23,7 @@ from ._call import EventTarget, Guards
 from ._events import EventSink
 from ._executor import AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
+from ._payload import CarrierSpec, payload_of_this_step
 from ._stream import stream_steps_parallel
 
 __all__ = ["MapResult", "imap", "map"]
@@ -56,23 +57,23 @@ class _FunctionRunner(AgentExecutor):
         self.fn = fn
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        if not spec.prompt:
+        payload = payload_of_this_step()
+        if not payload:
             raise _UnpicklableItem(spec.description)
-        item = cloudpickle.loads(base64.b64decode(spec.prompt))
-        result = self.fn(item)
-        payload = cloudpickle.dumps(result)
-        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True, payload)
+        item = cloudpickle.loads(payload)
+        result = cloudpickle.dumps(self.fn(item))
+        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True, result)
 
 
 def _specs(name: str, items: Iterable[Any]) -> Iterator[AgentStepSpec]:
     for index, item in enumerate(items):
         try:
-            payload = base64.b64encode(cloudpickle.dumps(item)).decode("ascii")
+            payload = cloudpickle.dumps(item)
         except Exception as exc:  # fails this item alone, in the worker, as an exception
             reason = f"item {index} cannot be pickled: {type(exc).__name__}: {exc}"
             yield AgentStepSpec(f"item-{index}", name, reason, "")
             continue
-        yield AgentStepSpec(f"item-{index}", name, "", payload)
+        yield CarrierSpec(f"item-{index}", name, "", "", payload=payload)
 
 
 def _result(index: int, outcome: StepOutcome) -> MapResult[Any]:

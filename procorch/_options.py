@@ -17,6 +17,8 @@ class CallOptions:
         "call_timeout",
         "cancel",
         "capture",
+        "idle_timeout",
+        "max_tasks_per_child",
         "memory_limit",
         "retry",
         "sandbox",
@@ -37,6 +39,8 @@ class CallOptions:
         cancel: CancelToken | None = None,
         sandbox: Sandbox | None = None,
         timeout_grace: float | None = None,
+        max_tasks_per_child: int | None = None,
+        idle_timeout: float | None = None,
     ) -> None:
         self.step_timeout = step_timeout
         self.step_timeouts = step_timeouts or {}
@@ -47,3 +51,5 @@ class CallOptions:
         self.cancel = cancel
         self.sandbox = sandbox
         self.timeout_grace = timeout_grace
+        self.max_tasks_per_child = max_tasks_per_child  # steps a worker process runs, at most
+        self.idle_timeout = idle_timeout  # seconds a warm worker waits idle (None: the default)

@@ -45,6 +45,13 @@ def execute_steps_parallel(
       and error (C code and child processes included); a failed outcome's
       ``error.printed`` holds the last 4 KiB.
     - ``cancel``: a :class:`CancelToken`; tripping it stops the call.
+    - ``max_tasks_per_child``: steps of the call a worker process may run;
+      then it is replaced by a fresh one (steps are never lost for it).
+    - ``idle_timeout``: seconds a worker may sit idle, during the call or
+      kept warm after it, before it exits (300 by default; ``float("inf")``
+      keeps it until :func:`procorch.shutdown`).
+    - ``concurrency``: at most this many steps at once, instead of the
+      executor's ``concurrency_hint()``.
 
     A spec with an ``output_schema`` must come back with a ``structured``
     value that conforms to it (JSON Schema, draft 2020-12), or its outcome

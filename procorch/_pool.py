@@ -13,7 +13,10 @@ began, which run again elsewhere.
 The engine keeps idle lanes between calls so a second call does not pay
 process start-up again, hands lanes to calls (several calls may run at once
 from different threads, each with lanes of its own), and shuts them all down
-at interpreter exit or on :func:`shutdown`.
+at interpreter exit or on :func:`shutdown`. A lane left idle longer than the
+``idle_timeout`` of the call that gave it back (``DEFAULT_IDLE_TIMEOUT`` by
+default) is retired by the engine's reaper thread: its worker exits, and the
+next call forks a fresh one.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from __future__ import annotations
 import atexit
 import glob
 import itertools
+import math
 import os
 import shutil
 import signal
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
@@ -40,6 +45,17 @@ from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
 from ._procinfo import tree_pids
 from ._protocol import SOFT_STOP, SOFT_STOP_SIGNAL, FrameReader
+
+DEFAULT_IDLE_TIMEOUT = 300.0
+"""Seconds a warm worker waits idle before it exits, unless a call says otherwise.
+
+What joblib gives its loky workers (loky's own ``get_reusable_executor``
+says 10 s, for workers that cost about 100 ms to start): long enough that a
+program making calls every few seconds or minutes keeps its workers warm,
+short enough that a program done with procorch gets their memory back
+without calling :func:`shutdown`. A new worker costs about 5 ms here (the
+fork server), so a shorter timeout costs little.
+"""
 
 
 class _Lane:
@@ -74,6 +90,7 @@ class _Lane:
         )
         self._process: Any = None
         self.executor_token: str | None = None
+        self.retire_at: float | None = None  # while idle in the engine: when it is retired
 
     @property
     def pid(self) -> int | None:
@@ -188,11 +205,22 @@ class _Lane:
 
 
 class _Engine:
-    """Lends warm lanes to calls and takes the healthy ones back."""
+    """Lends warm lanes to calls, takes the healthy ones back, retires those idle too long.
+
+    The reaper thread sleeps until the earliest ``retire_at`` of the idle
+    lanes (or until a lane is given back), takes the lanes due out of the
+    idle list under the lock, so no call can acquire them meanwhile, and
+    closes them outside it. It also closes the lanes a call retires
+    (``retire``): a worker takes about 20 ms to exit, which the call need
+    not wait for.
+    """
 
     def __init__(self) -> None:
         self._idle: list[_Lane] = []
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # idle lanes given back, or shutdown
+        self._retired: list[_Lane] = []  # to close now, never lent again
+        self._reaper: threading.Thread | None = None  # replaced or dropped: the old one ends
         self._lane_numbers = itertools.count(1)
         self._scratch: str | None = None  # a directory for the lanes' capture files
 
@@ -214,19 +242,82 @@ class _Engine:
             del self._idle[len(self._idle) - len(lanes) :]
         return lanes + [self.new_lane() for _ in range(count - len(lanes))]
 
-    def release(self, lanes: list[_Lane]) -> None:
+    def release(self, lanes: list[_Lane], idle_timeout: float | None = None) -> None:
+        """Take lanes back, to be retired after ``idle_timeout`` idle seconds (inf: never)."""
+        timeout = DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        retire_at = None if math.isinf(timeout) else time.monotonic() + timeout
         with self._lock:
+            for lane in lanes:
+                lane.retire_at = retire_at
             self._idle.extend(lanes)
+            if retire_at is not None and lanes:
+                self._wake_reaper()
+
+    def retire(self, lane: _Lane) -> None:
+        """Close a lane whose worker is idle, in the background: its worker exits."""
+        with self._lock:
+            self._retired.append(lane)
+            self._wake_reaper()
+
+    def _wake_reaper(self) -> None:
+        """Start the reaper thread if need be, and make it look again (lock held)."""
+        if self._reaper is None:
+            self._reaper = threading.Thread(
+                target=self._reap, name="procorch-idle-workers", daemon=True
+            )
+            self._reaper.start()
+        self._changed.notify()
+
+    def _reap(self) -> None:
+        """The reaper thread: retire idle lanes as they come due, until shutdown."""
+        with self._lock:
+            while self._reaper is threading.current_thread():
+                now = time.monotonic()
+                due = [lane for lane in self._idle if _due(lane, now)]
+                if due or self._retired:
+                    self._idle = [lane for lane in self._idle if not _due(lane, now)]
+                    due += self._retired
+                    self._retired = []
+                    self._lock.release()
+                    try:
+                        for lane in due:
+                            _retire(lane)
+                    finally:
+                        self._lock.acquire()
+                    continue
+                times = [lane.retire_at for lane in self._idle if lane.retire_at is not None]
+                self._changed.wait(min(times) - now if times else None)
 
     def shutdown(self) -> None:
         with self._lock:
-            lanes, self._idle = self._idle, []
+            reaper, self._reaper = self._reaper, None
+            self._changed.notify()
+        if reaper is not None:
+            reaper.join()  # it may be closing lanes: they are gone before the server stops
+        with self._lock:
+            lanes, self._idle = self._idle + self._retired, []
+            self._retired = []
             scratch, self._scratch = self._scratch, None
         for lane in lanes:
             lane.close(kill=False)
         stop_server()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _retire(lane: _Lane) -> None:
+    """Close an idle lane: its worker exits (or, if that fails, is killed)."""
+    try:
+        lane.close(kill=False)
+    except Exception:  # the reaper must go on with the other lanes
+        try:
+            lane.close(kill=True)
+        except Exception:
+            pass
+
+
+def _due(lane: _Lane, now: float) -> bool:
+    return lane.retire_at is not None and lane.retire_at <= now
 
 
 def _sweep_stale_scratch() -> None:
@@ -258,6 +349,8 @@ def shutdown() -> None:
     """Stop every idle worker process that procorch keeps warm between calls.
 
     The next call starts fresh workers. procorch also does this on interpreter
-    exit; call it yourself to free the processes sooner.
+    exit, and retires each idle worker after its call's ``idle_timeout``
+    (``DEFAULT_IDLE_TIMEOUT``, 300 s, by default); call it yourself to free
+    the processes sooner, the fork server's included.
     """
     _engine.shutdown()

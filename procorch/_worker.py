@@ -74,8 +74,26 @@ _raised: BaseException | None = None  # what the current step raised, if anythin
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
 _meter: UsageMeter | None = None  # made on the first step: its /proc files are this process's
-_decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
+_spec_decoder = msgspec.msgpack.Decoder(AgentStepSpec).decode
+# The wire bytes of the step each thread runs: procorch's own runners
+# (ProcessPool's calls, map's items) carry their pickled call there, as raw
+# bytes beside the spec (see _payload). Per thread, for Dask's threaded workers.
+_step_wire = threading.local()
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
+
+
+def _decode_spec(spec_bytes: bytes) -> AgentStepSpec:
+    """The step's spec; its wire bytes stay with this thread for ``take_step_bytes``."""
+    spec = _spec_decoder(spec_bytes)
+    _step_wire.data = spec_bytes
+    return spec
+
+
+def take_step_bytes() -> bytes:
+    """The wire bytes of the step this thread runs, once (then forgotten: they may be large)."""
+    data: bytes = getattr(_step_wire, "data", b"")
+    _step_wire.data = b""
+    return data
 
 
 def _init(

@@ -501,6 +501,23 @@ def square(x: int) -> int:
     return x * x
 
 
+def identity(x: Any) -> Any:
+    """Returns its argument: a round trip through a worker."""
+    return x
+
+
+def pid_of(x: Any) -> tuple[Any, int]:
+    """Returns its argument with the pid of the worker that ran it."""
+    return x, os.getpid()
+
+
+def crash_or_pid(x: int, bad: int) -> tuple[int, int]:
+    """Segfaults when ``x == bad``, else returns x with its worker's pid."""
+    if x == bad:
+        ctypes.string_at(0)
+    return x, os.getpid()
+
+
 def crash_on(x: int, bad: int) -> int:
     """Segfaults when ``x == bad``, else returns x."""
     if x == bad:
@@ -913,6 +930,11 @@ def remember_initargs(*args: Any) -> None:
 def initialized_with() -> list[Any]:
     """What remember_initargs received in this worker."""
     return list(_initialized_with)
+
+
+def pid_and_initargs() -> tuple[int, list[Any]]:
+    """This worker's pid and what remember_initargs received in it."""
+    return os.getpid(), list(_initialized_with)
 
 
 def wait_for_file(path: Path, within: float = 60.0) -> bool:

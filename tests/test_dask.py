@@ -24,6 +24,7 @@ from helpers import (
     SeedExecutor,
     UsageExecutor,
     gone,
+    identity,
     peak_overlap,
     read_records,
     spec,
@@ -474,6 +475,18 @@ def test_dask_four_threads_per_worker_run_every_step(
     assert [o.output for o in out] == ["solo"] * 100, [o.output for o in out if not o.success]
     lines = log.read_text().splitlines()
     assert len(lines) == len(set(lines)) <= 2
+
+
+def test_dask_map_and_process_pool_carry_each_items_own_bytes(threaded_client: object) -> None:
+    """On 4-thread workers every item and call gets its own raw-bytes payload back."""
+    import procorch
+
+    items = [os.urandom(1000 + i) for i in range(40)]
+    backend = DaskBackend(threaded_client)
+    results = procorch.map(identity, items, concurrency=8, backend=backend)
+    assert [r.value for r in results] == items, [r.error for r in results if r.error]
+    with procorch.ProcessPool(4, backend=backend) as pool:
+        assert [f.result(timeout=120) for f in [pool.submit(identity, x) for x in items]] == items
 
 
 def test_dask_concurrent_callers_each_get_their_own_executor(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import faulthandler
+import os
 import signal
 import sys
 import textwrap
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -14,9 +16,13 @@ from pathlib import Path
 import pytest
 from helpers import (
     crash_on,
+    crash_or_pid,
     gone,
+    identity,
     initialized_with,
     interval,
+    pid_and_initargs,
+    pid_of,
     raise_value_error,
     remember_initargs,
     run_to_end,
@@ -322,3 +328,104 @@ def test_concurrency_is_max_workers_and_the_default_is_shared() -> None:
     """concurrency= means max_workers; both default to DEFAULT_MAX_PARALLEL_TASKS."""
     assert ProcessPool(concurrency=3)._max_workers == 3
     assert ProcessPool()._max_workers == procorch.DEFAULT_MAX_PARALLEL_TASKS
+
+
+@pytest.mark.slow
+def test_large_arguments_and_results_round_trip_byte_exact() -> None:
+    """A 50 MiB bytes argument reaches the call and comes back unchanged."""
+    blob = os.urandom(50 * 2**20)
+    with ProcessPool(1) as pool:
+        assert pool.submit(identity, blob).result(timeout=300) == blob
+        assert pool.submit(len, blob).result(timeout=300) == len(blob)
+
+
+def test_arguments_travel_as_raw_bytes_not_base64() -> None:
+    """A queued call's wire bytes are its pickled arguments plus a little, not base64 text."""
+    blob = os.urandom(4 * 2**20)
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            queued = pool.submit(len, blob)
+            with pool._lock:
+                (item,) = [item for item in pool._pending if item.future is queued]
+            assert len(blob) < len(item.data) < len(blob) + 4096  # base64: a third more
+            assert item.spec.prompt == ""
+        finally:
+            hung.cancel()
+        assert queued.result(timeout=60) == len(blob)
+
+
+def test_max_tasks_per_child_gives_a_fresh_worker_every_n_calls() -> None:
+    """With one worker and N=2, calls run in pairs, each pair in a new process."""
+    with ProcessPool(1, max_tasks_per_child=2) as pool:
+        pids = [pool.submit(pid_of, x).result(timeout=60)[1] for x in range(6)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5], pids
+    assert len(set(pids)) == 3
+
+
+def test_max_tasks_per_child_replaces_workers_and_loses_no_call() -> None:
+    """No worker runs more than N calls; every call runs once, its result at its own future."""
+    with ProcessPool(2, max_tasks_per_child=2) as pool:
+        results = [f.result(timeout=60) for f in [pool.submit(pid_of, x) for x in range(12)]]
+    assert [x for x, _ in results] == list(range(12))
+    calls_per_pid = Counter(pid for _, pid in results)
+    assert max(calls_per_pid.values()) <= 2, calls_per_pid
+    assert len(calls_per_pid) >= 6
+
+
+def test_max_tasks_per_child_with_a_crash_in_the_middle_fails_only_that_call() -> None:
+    """A segfault among recycled workers fails its own call; the rest are right, N at most each."""
+    with ProcessPool(2, max_tasks_per_child=3) as pool:
+        futures = [pool.submit(crash_or_pid, x, 5) for x in range(12)]
+        error = futures[5].exception(timeout=60)
+        results = [f.result(timeout=60) for i, f in enumerate(futures) if i != 5]
+    assert isinstance(error, StepFailedError) and error.error is not None
+    assert error.error.kind == "crash" and error.error.signal == "SIGSEGV"
+    assert [x for x, _ in results] == [x for x in range(12) if x != 5]
+    calls_per_pid = Counter(pid for _, pid in results)
+    assert max(calls_per_pid.values()) <= 3, calls_per_pid
+
+
+def test_initializer_runs_again_in_each_worker_max_tasks_per_child_starts() -> None:
+    """With max_tasks_per_child=1 each call has a fresh worker, initialized once."""
+    with ProcessPool(
+        1, max_tasks_per_child=1, initializer=remember_initargs, initargs=("ready", 1)
+    ) as pool:
+        results = [pool.submit(pid_and_initargs).result(timeout=60) for _ in range(4)]
+    assert len({pid for pid, _ in results}) == 4
+    assert all(initialized == [("ready", 1)] for _, initialized in results)
+
+
+def test_idle_timeout_retires_idle_workers_and_the_pool_goes_on() -> None:
+    """Workers idle for idle_timeout seconds exit, in the pool and kept warm after it."""
+    with ProcessPool(2, idle_timeout=0.5) as pool:
+        first = {f.result(timeout=60)[1] for f in [pool.submit(pid_of, x) for x in range(4)]}
+        assert gone(first, within=60)
+        x, last = pool.submit(pid_of, 7).result(timeout=60)
+        assert x == 7 and last not in first
+    assert gone([last], within=60)  # given back to the warm pool, then retired
+
+
+def test_max_tasks_per_child_and_idle_timeout_are_checked() -> None:
+    """Out-of-range values are refused before any work, naming the guard."""
+    with pytest.raises(ValueError, match=r"max_tasks_per_child must be an int >= 1 \(got 0\)"):
+        ProcessPool(2, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match=r"idle_timeout must be a number of seconds >= 0"):
+        ProcessPool(2, idle_timeout=-1)
+    cluster = procorch.DaskBackend("tcp://127.0.0.1:1")  # never reached: refused first
+    with pytest.raises(ValueError, match="max_tasks_per_child is not available with the Dask"):
+        ProcessPool(2, backend=cluster, max_tasks_per_child=2)
+
+
+def test_wire_bytes_of_a_call_are_what_msgspec_would_encode() -> None:
+    """The call pickled straight into the wire gives the bytes of encoding it afterwards."""
+    import cloudpickle
+    import msgspec
+
+    from procorch._payload import CarrierSpec, carrier_wire_bytes
+
+    call = (identity, (os.urandom(300_000),), {"key": "value"})
+    wire = carrier_wire_bytes("call-7", "identity", call)
+    expected = CarrierSpec("call-7", "identity", "", "", payload=cloudpickle.dumps(call))
+    assert wire == msgspec.msgpack.encode(expected)
+    assert msgspec.msgpack.decode(wire, type=procorch.AgentStepSpec).task_id == "call-7"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import Counter
 
+import msgspec
 import pytest
-from helpers import crash_on, sleep_then, square
+from helpers import crash_on, gone, identity, pid_of, sleep_then, square
 
 import procorch
 from procorch import MapResult, StepFinished
@@ -81,3 +84,38 @@ def test_map_events_and_guards_are_the_entry_points() -> None:
     assert sum(isinstance(e, StepFinished) for e in events) == 3
     with pytest.raises(TypeError, match="unknown guard 'step_timout'"):
         procorch.map(square, range(3), step_timout=1.0)  # type: ignore[call-arg]
+
+
+@pytest.mark.slow
+def test_map_large_items_round_trip_byte_exact() -> None:
+    """A 50 MiB bytes item reaches the function and its result comes back unchanged."""
+    blob = os.urandom(50 * 2**20)
+    results = procorch.map(identity, [blob, b"small"], concurrency=2)
+    assert [r.success for r in results] == [True, True]
+    assert results[0].value == blob and results[1].value == b"small"
+
+
+def test_map_items_travel_as_raw_bytes_not_base64() -> None:
+    """An item's wire bytes are its pickle plus a little, not base64 text."""
+    from procorch._map import _specs
+
+    blob = os.urandom(4 * 2**20)
+    (spec,) = _specs("identity", [blob])
+    assert spec.prompt == ""
+    assert len(blob) < len(msgspec.msgpack.encode(spec)) < len(blob) + 4096
+
+
+def test_map_max_tasks_per_child_bounds_items_per_worker() -> None:
+    """max_tasks_per_child is a guard of map too: no worker runs more than N items."""
+    results = procorch.map(pid_of, range(10), concurrency=2, max_tasks_per_child=3)
+    assert [r.value[0] for r in results if r.value is not None] == list(range(10))
+    calls_per_pid = Counter(r.value[1] for r in results if r.value is not None)
+    assert max(calls_per_pid.values()) <= 3, calls_per_pid
+
+
+def test_map_idle_timeout_retires_the_warm_workers_after_the_call() -> None:
+    """The workers a call gives back exit after its idle_timeout; the next call forks new ones."""
+    first = {r.value[1] for r in procorch.map(pid_of, range(4), concurrency=2, idle_timeout=0.5)}
+    assert gone(first, within=60)
+    again = {r.value[1] for r in procorch.map(pid_of, range(4), concurrency=2)}
+    assert not again & first

@@ -31,6 +31,9 @@ _PROGRAM = textwrap.dedent(
     procorch.map(abs, [1], step_timout=1.0)  # E: misspelt
     procorch.imap(abs, [1], n_jobs=2)  # E: misspelt
     procorch.ProcessPool(2, step_timout=1.0)  # E: misspelt
+    procorch.ProcessPool(2, max_tasks_per_child=2, idle_timeout=60.0)  # fine
+    procorch.map(abs, [1], max_tasks_per_child=2, idle_timeout=0)  # fine
+    procorch.ProcessPool(2, max_task_per_child=2)  # E: misspelt
     """
 )
 
