@@ -41,6 +41,7 @@ Data flow for one worker::
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import itertools
@@ -79,6 +80,10 @@ _START_TRIES = 3
 # frozen (SIGSTOP, say), killed and replaced. Forking takes milliseconds.
 _START_TIMEOUT = 30.0
 _MAX_FDS = 256  # file descriptors one request may carry
+# How long the server waits without a request before it imports the next
+# module of its ``later`` list: long enough that a burst of worker starts
+# (the first call's lanes) never waits behind an import.
+_IDLE_BEFORE_IMPORT = 0.25
 
 # Bootstrap of the server process. The caller's procorch is loaded from its
 # own directory, whatever sys.path says (``python -c`` puts the current
@@ -93,7 +98,7 @@ spec = importlib.util.spec_from_file_location(
 sys.modules["procorch"] = module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 from procorch._forkserver import _serve
-_serve({listener}, {alive}, {preload!r})
+_serve({listener}, {alive}, {preload!r}, {later!r})
 """
 
 
@@ -143,8 +148,9 @@ class ForkServer:
     starts a server of its own if it needs one.
     """
 
-    def __init__(self, preload: Sequence[str], package_dir: str) -> None:
+    def __init__(self, preload: Sequence[str], package_dir: str, later: Sequence[str] = ()) -> None:
         self._preload = list(preload)
+        self._later = list(later)
         self._package_dir = package_dir
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -203,6 +209,19 @@ class ForkServer:
             f"tries; the last failure: {failure!r}"
         ) from failure
 
+    def start_soon(self) -> None:
+        """Start the server (and the resource tracker its workers share) without waiting for it.
+
+        Both boot in processes of their own while the caller goes on; the
+        first ``start_child`` then finds them ready, or nearly. A server that
+        fails to start is the first ``start_child``'s to report.
+        """
+        try:
+            resource_tracker.getfd()
+            self._ensure_running()
+        except OSError:
+            pass
+
     def stop(self) -> None:
         """Stop the server if it runs. Its workers go on; the next worker starts a new one."""
         with self._lock:
@@ -240,6 +259,7 @@ class ForkServer:
                     listener=listener.fileno(),
                     alive=alive_r,
                     preload=self._preload,
+                    later=self._later,
                 )
                 executable = _spawn.get_executable()
                 self._process = subprocess.Popen(
@@ -428,13 +448,19 @@ class Context(_mp_context.ForkServerContext):  # type: ignore[misc]
 # -- the server's side ----------------------------------------------------------
 
 
-def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
-    """The server process: import ``preload``, then fork on request until the caller goes."""
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # the worker imports it again, and reports the error where it matters
+def _serve(listener_fd: int, alive_r: int, preload: list[str], later: Sequence[str] = ()) -> None:
+    """The server process: import ``preload``, then fork on request until the caller goes.
+
+    The modules of ``later`` are imported one at a time whenever no request
+    came for a moment, so the first workers do not wait for what only some
+    steps need (asyncio, jsonschema), and the workers forked afterwards
+    inherit it. Everything the server holds is frozen (``gc.freeze``) before
+    each fork: a worker's garbage collector then never visits the inherited
+    objects, so their pages stay shared with the server instead of being
+    copied into every worker.
+    """
+    _preload(preload)
+    pending = list(later)
     caller = os.getppid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -456,7 +482,11 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
         selector.register(alive_r, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         while True:
-            ready = {key.fileobj for key, _ in selector.select()}
+            timeout = _IDLE_BEFORE_IMPORT if pending else None
+            ready = {key.fileobj for key, _ in selector.select(timeout)}
+            if not ready and pending:
+                _preload([pending.pop(0)])
+                continue
             if alive_r in ready:  # the caller stopped us, or is gone
                 # What the caller's steps started and left in their lanes'
                 # cgroups (daemons, if the caller was SIGKILLed) goes with it.
@@ -472,6 +502,7 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
                 if request is None:
                     continue
                 status_w, data_r, tracker_fd, *inherited = request
+                gc.freeze()  # what the server allocated since the last fork, too
                 pid = os.fork()
                 if pid == 0:
                     code = 1
@@ -489,6 +520,20 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
                         os._exit(code)
                 children[pid] = status_w
                 _close(data_r, tracker_fd, *inherited)
+
+
+def _preload(names: Sequence[str]) -> None:
+    """Import ``names`` without a collection midway, then freeze everything (see ``_serve``)."""
+    gc.disable()
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass  # the worker imports it again, and reports the error where it matters
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _ignore(signum: int, frame: Any) -> None:
