@@ -153,7 +153,7 @@ class LocalBackend:
 
     def open(self, steps: StepLifecycle, slots: int) -> None:
         self.steps = steps
-        self.works = [_LaneWork(lane) for lane in _engine.acquire(slots)]
+        self.works = [_LaneWork(lane) for lane in _engine.acquire(slots, steps.wake)]
 
     def start_ready(self) -> None:
         steps = self._steps()
@@ -167,6 +167,8 @@ class LocalBackend:
                 return
             if len(work.chunks) >= depth or work.retiring or work.lane.frames.eof:
                 continue
+            if work.lane.starting:
+                continue  # its worker is on its way: the starter wakes us when it is ready
             if work.chunks and work.running is None:
                 continue  # the lane has not begun what it holds: nothing more behind it
             indices = steps.take(self._chunk_size())
@@ -202,6 +204,9 @@ class LocalBackend:
         ]
         if self._watch_usage and any(w.running for w in self.works):
             wake_at.append(self.next_memory_check)
+        if any(work.lane.starting for work in self.works):
+            # Each lane's starter wakes the call when it is done; this only backs it up.
+            wake_at.append(time.monotonic() + 0.5)
         return min(wake_at) if wake_at else None
 
     def poll(self) -> None:
@@ -413,7 +418,10 @@ class LocalBackend:
 
     def _announce_bound(self) -> float:
         """How long a lane may hold steps without starting one (see _ANNOUNCE_SECONDS)."""
-        peer_idle = any(not work.busy and not work.lane.frames.eof for work in self.works)
+        peer_idle = any(
+            not work.busy and not work.lane.frames.eof and not work.lane.starting
+            for work in self.works
+        )
         return _ANNOUNCE_SECONDS_PEER_IDLE if peer_idle else _ANNOUNCE_SECONDS
 
     def _check_announcements(self) -> None:

@@ -28,6 +28,7 @@ import signal
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -47,36 +48,57 @@ class _Lane:
     """One worker process, its channel, and the executor token it holds."""
 
     def __init__(self, capture_path: str) -> None:
-        context = worker_context()
-        self.channel, channel_writer = context.Pipe(duplex=False)
+        self._context = worker_context()
+        self.channel, channel_writer = self._context.Pipe(duplex=False)
         self.frames = FrameReader(self.channel.fileno())
-        self._crash_reader, crash_writer = context.Pipe(duplex=False)
+        self._crash_reader, crash_writer = self._context.Pipe(duplex=False)
         # The one pipe the other way: which step a soft time limit is for.
-        control_reader, self._control = context.Pipe(duplex=False)
+        control_reader, self._control = self._context.Pipe(duplex=False)
         # The parent drops its copies of the worker's ends once the worker
         # holds its own, so the worker's death reads as end-of-file.
         self._writers: tuple[Connection, ...] = (channel_writer, crash_writer, control_reader)
         self.capture_path = capture_path
-        name = os.path.splitext(os.path.basename(capture_path))[0]
-        self.cgroup = LaneCgroup.create(name)  # None where procorch may not make one
-        self._pool = loky.ProcessPoolExecutor(
-            max_workers=1,
-            context=context,
-            initializer=_worker._init,
-            initargs=(
-                channel_writer,
-                crash_writer,
-                capture_path,
-                PACKAGE_DIR,
-                None if self.cgroup is None else self.cgroup.path,
-                control_reader,
-            ),
-            timeout=None,
-        )
+        # The lane's cgroup and its executor are made by _setup, in a starter
+        # thread (``_start_workers``) or at the first submit.
+        self.cgroup: LaneCgroup | None = None  # None where procorch may not make one
+        self._cgroup_tried = False
+        self._pool: Any = None
         self._process: Any = None
         self.executor_token: str | None = None
-        self._adopt_lock = threading.Lock()
+        self._lock = threading.Lock()  # _setup and _adopt_worker, from any thread
         self._starting: threading.Event | None = None  # set once a starter thread is done
+        # Called by the starter once done: the wake-up of the call that holds
+        # the lane now (an idle lane may still be starting when a call takes it).
+        self.on_started: Callable[[], object] | None = None
+
+    def _setup(self) -> Any:
+        """The lane's cgroup and its single-worker loky executor, made once; call under the lock."""
+        if self._pool is None:
+            if not self._cgroup_tried:
+                self._cgroup_tried = True
+                name = os.path.splitext(os.path.basename(self.capture_path))[0]
+                self.cgroup = LaneCgroup.create(name)
+            channel_writer, crash_writer, control_reader = self._writers
+            self._pool = loky.ProcessPoolExecutor(
+                max_workers=1,
+                context=self._context,
+                initializer=_worker._init,
+                initargs=(
+                    channel_writer,
+                    crash_writer,
+                    self.capture_path,
+                    PACKAGE_DIR,
+                    None if self.cgroup is None else self.cgroup.path,
+                    control_reader,
+                ),
+                timeout=None,
+            )
+        return self._pool
+
+    @property
+    def starting(self) -> bool:
+        """A starter thread still sets this lane up: send it work once it is done."""
+        return self._starting is not None and not self._starting.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -92,8 +114,10 @@ class _Lane:
         sandbox: Any = None,
     ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
+        with self._lock:
+            pool = self._setup()
         shipped = None if token == self.executor_token else blob
-        future: Future[None] = self._pool.submit(
+        future: Future[None] = pool.submit(
             _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox
         )
         self.executor_token = token
@@ -109,15 +133,17 @@ class _Lane:
         to the first submit, which tries again and reports what it meets.
         """
         try:
-            self._pool._ensure_executor_running()
+            with self._lock:
+                pool = self._setup()
+            pool._ensure_executor_running()
         except Exception:
             return
         self._adopt_worker()
 
     def _adopt_worker(self) -> None:
         """Once the worker runs: keep its process, and drop our copies of its pipes' ends."""
-        with self._adopt_lock:
-            if self._writers and self._pool._processes:
+        with self._lock:
+            if self._writers and self._pool is not None and self._pool._processes:
                 self._process = next(iter(self._pool._processes.values()))
                 for writer in self._writers:
                     writer.close()
@@ -202,7 +228,8 @@ class _Lane:
                 # Let loky see the death before shutting down, or the lane's
                 # executor can be left holding a semaphore until exit.
                 self._process.join(timeout=1.0)
-        self._pool.shutdown(wait=True, kill_workers=kill)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, kill_workers=kill)
         self._kill_group()  # whatever a step left running
         if self.cgroup is not None:
             self.cgroup.remove()  # and whatever left the process group or the session
@@ -236,12 +263,20 @@ class _Engine:
             path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
         return _Lane(path)
 
-    def acquire(self, count: int) -> list[_Lane]:
+    def acquire(self, count: int, on_started: Callable[[], object] | None = None) -> list[_Lane]:
+        """``count`` lanes: idle ones first, then new ones, started in the background.
+
+        A new lane is ``starting`` until its worker runs (or failed to
+        start: the first submit then says why); ``on_started`` is called,
+        from a starter thread, each time one is done.
+        """
         with self._lock:
             lanes = self._idle[-count:] if count else []
             del self._idle[len(self._idle) - len(lanes) :]
         new = [self.new_lane() for _ in range(count - len(lanes))]
-        if len(new) > 1:
+        for lane in lanes + new:
+            lane.on_started = on_started
+        if new:
             _start_workers(new)
         return lanes + new
 
@@ -264,15 +299,16 @@ class _Engine:
 # trip to the fork server (it forks while the caller waits) plus the
 # caller's own share (loky's manager thread, pickling the worker's process
 # object); with several in flight the waits overlap the work.
-_STARTERS = 4
+_STARTERS = 2
 
 
 def _start_workers(lanes: list[_Lane]) -> None:
-    """Start the workers of new lanes side by side, in the background, first lanes first.
+    """Set up and start the workers of new lanes side by side, in the background, in order.
 
-    The call goes on at once and submits to the lanes in the same order, so
-    the first steps run while later lanes still start; a lane's ``close``
-    waits for its starter. 32 lanes one after another took about 20 ms each.
+    The call goes on at once and sends work to each lane as soon as it is
+    started, so the first steps run while later lanes still start; a lane's
+    ``close`` waits for its starter. 32 lanes one after another took about
+    20 ms each, and the first step waited for all of them to be made.
     """
     pending = collections.deque(lanes)
     for lane in lanes:
@@ -290,6 +326,11 @@ def _start_workers(lanes: list[_Lane]) -> None:
             finally:
                 assert lane._starting is not None
                 lane._starting.set()
+                # Read after setting: a call that took the lane meanwhile
+                # either sees it started or is the one woken here.
+                on_started = lane.on_started
+                if on_started is not None:
+                    on_started()
 
     for _ in range(min(_STARTERS, len(lanes))):
         threading.Thread(target=start, name="procorch-lane-start", daemon=True).start()
