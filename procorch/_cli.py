@@ -24,7 +24,6 @@ Data flow of ``procorch run EXECUTOR SPECS``::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import os
@@ -604,6 +603,8 @@ def _stop_workers() -> None:
 
 
 async def _identify(address: str) -> None:
+    import asyncio
+
     from distributed.core import rpc
 
     scheduler = rpc(address, timeout=_DASK_PROBE_SECONDS)  # type: ignore[no-untyped-call]
@@ -626,6 +627,8 @@ def _dask_client(address: str) -> Any:
         import distributed
     except ImportError:
         raise _BadInput("--dask needs the dask extra: pip install 'procorch[dask]'") from None
+    import asyncio  # only to probe a Dask scheduler: a plain run never needs it
+
     try:
         asyncio.run(_identify(address))
     except (TimeoutError, OSError, ValueError, TypeError) as exc:
