@@ -98,7 +98,7 @@ spec = importlib.util.spec_from_file_location(
 sys.modules["procorch"] = module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 from procorch._forkserver import _serve
-_serve({listener}, {alive}, {preload!r}, {later!r})
+_serve({listener}, {alive}, {preload!r}, {later!r}, {tracker})
 """
 
 
@@ -116,6 +116,33 @@ def _read_record(fd: int) -> tuple[int, int]:
         data += chunk
     kind, value = _RECORD.unpack(data)
     return int(kind), int(value)
+
+
+def _tracker_wanted() -> bool:
+    """Whether the server should fork this process its resource tracker.
+
+    multiprocessing starts the tracker (which unlinks the named semaphores
+    of a process that died without doing so; every lane's loky executor
+    makes some) as an interpreter of its own: one more start-up, about 15
+    ms of a short program's wall time on 2 cores. The server, a process of
+    procorch's own that starts anyway, forks it instead: the same
+    ``resource_tracker.main``, reading a pipe whose write end becomes this
+    process's tracker fd. Only where the tracker's state is the one known
+    (Python 3.11) and no tracker runs yet (a program's own multiprocessing
+    may have started one: it is kept).
+    """
+    tracker: Any = resource_tracker._resource_tracker
+    return sys.version_info < (3, 12) and getattr(tracker, "_fd", 0) is None
+
+
+def _adopt_tracker(write_end: int) -> None:
+    """Make ``write_end`` this process's resource tracker fd, unless one appeared meanwhile."""
+    tracker: Any = resource_tracker._resource_tracker
+    with tracker._lock:
+        if tracker._fd is None:
+            tracker._fd = write_end
+            return
+    _close(write_end)  # the forked tracker reads end of file and exits
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -173,10 +200,10 @@ class ForkServer:
         """
         if len(fds) + 3 > _MAX_FDS:
             raise ValueError(f"a worker can inherit at most {_MAX_FDS - 3} fds (got {len(fds)})")
-        tracker_fd = resource_tracker.getfd()
         failure: BaseException | None = None
         for _ in range(_START_TRIES):
             process, address = self._ensure_running()
+            tracker_fd = resource_tracker.getfd()
             status_r, status_w = os.pipe()
             data_r, data_w = os.pipe()
             try:
@@ -217,8 +244,8 @@ class ForkServer:
         fails to start is the first ``start_child``'s to report.
         """
         try:
-            resource_tracker.getfd()
             self._ensure_running()
+            resource_tracker.getfd()
         except OSError:
             pass
 
@@ -251,6 +278,9 @@ class ForkServer:
             os.chmod(address, 0o600)
             listener.listen()
             alive_r, alive_w = os.pipe()
+            tracker_r = tracker_w = -1
+            if _tracker_wanted():
+                tracker_r, tracker_w = os.pipe()
             try:
                 command = _BOOTSTRAP.format(
                     sys_path=sys.path,
@@ -260,19 +290,26 @@ class ForkServer:
                     alive=alive_r,
                     preload=self._preload,
                     later=self._later,
+                    tracker=tracker_r,
                 )
                 executable = _spawn.get_executable()
                 self._process = subprocess.Popen(
                     [executable, *_util._args_from_interpreter_flags(), "-c", command],
                     executable=executable,
                     stdin=subprocess.DEVNULL,
-                    pass_fds=(listener.fileno(), alive_r),
+                    pass_fds=tuple(fd for fd in (listener.fileno(), alive_r, tracker_r) if fd >= 0),
                 )
             except BaseException:
                 _close(alive_w)
+                if tracker_w >= 0:
+                    _close(tracker_w)
                 raise
             finally:
                 _close(alive_r)
+                if tracker_r >= 0:
+                    _close(tracker_r)
+            if tracker_w >= 0:
+                _adopt_tracker(tracker_w)
         self._address = address
         self._alive_w = alive_w
 
@@ -448,7 +485,28 @@ class Context(_mp_context.ForkServerContext):  # type: ignore[misc]
 # -- the server's side ----------------------------------------------------------
 
 
-def _serve(listener_fd: int, alive_r: int, preload: list[str], later: Sequence[str] = ()) -> None:
+def _fork_tracker(tracker_fd: int, keep_from_it: Sequence[int]) -> None:
+    """Fork the caller's resource tracker, reading ``tracker_fd`` (see ``_tracker_wanted``)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _close(*keep_from_it)
+            resource_tracker.main(tracker_fd)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _close(tracker_fd)
+
+
+def _serve(
+    listener_fd: int,
+    alive_r: int,
+    preload: list[str],
+    later: Sequence[str] = (),
+    tracker_fd: int = -1,
+) -> None:
     """The server process: import ``preload``, then fork on request until the caller goes.
 
     The modules of ``later`` are imported one at a time whenever no request
@@ -459,6 +517,8 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str], later: Sequence[s
     objects, so their pages stay shared with the server instead of being
     copied into every worker.
     """
+    if tracker_fd >= 0:
+        _fork_tracker(tracker_fd, [listener_fd, alive_r])
     _preload(preload)
     pending = list(later)
     caller = os.getppid()

@@ -185,3 +185,31 @@ def test_a_script_run_from_a_checkout_of_another_procorch_is_unaffected_by_lazy_
         tmp_path,
     )
     assert out.strip() == "procorch._parallel"
+
+
+_TRACKER_PROGRAM = """
+import json, multiprocessing, os, sys
+sys.path.insert(0, TESTS)
+from multiprocessing import resource_tracker
+import psutil
+from helpers import FaultyExecutor, spec
+import procorch
+
+if __name__ == "__main__":
+    procorch.execute_steps_parallel(FaultyExecutor(), [spec("a"), spec("b")])
+    tracker = resource_tracker._resource_tracker
+    alive = tracker._check_alive()
+    lock = multiprocessing.get_context("forkserver").Lock()  # registers with the tracker
+    spawned = [
+        " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)
+        if any("resource_tracker" in part for part in p.cmdline())
+    ]
+    print(json.dumps({"alive": alive, "spawned": spawned, "fd": tracker._fd is not None}))
+"""
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the server forks the tracker on 3.11")
+def test_the_fork_server_forks_the_callers_resource_tracker(tmp_path: Path) -> None:
+    """No interpreter of its own for the tracker: the server forked it, and it takes work."""
+    got = json.loads(_python(_TRACKER_PROGRAM, tmp_path))
+    assert got == {"alive": True, "spawned": [], "fd": True}
