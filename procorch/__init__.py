@@ -6,6 +6,7 @@ errors, guards). Every door is loaded on first use (``procorch.map``,
 worker pool, asyncio, SQLite, Dask or JSON Schema only when it uses them.
 """
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from ._map import imap as imap  # public, but kept out of __all__ (see below)
     from ._map import map as map  # public as procorch.map, never a bare import
     from ._parallel import execute_steps_parallel
-    from ._pool import shutdown
     from ._progress import Progress, progress
     from ._resumable import execute_steps_parallel_resumable
     from ._sandbox import Sandbox
@@ -72,7 +72,6 @@ _LAZY = {
     "imap": "_map",
     "map": "_map",
     "execute_steps_parallel": "_parallel",
-    "shutdown": "_pool",
     "Progress": "_progress",
     "progress": "_progress",
     "execute_steps_parallel_resumable": "_resumable",
@@ -80,6 +79,18 @@ _LAZY = {
     "output_schema_for": "_schema",
     "stream_steps_parallel": "_stream",
 }
+
+
+def shutdown() -> None:
+    """Stop every idle worker process that procorch keeps warm between calls.
+
+    The next call starts fresh workers. procorch also does this on interpreter
+    exit; call it yourself to free the processes sooner. Where no call ran,
+    there is nothing to stop, and the pool is not even loaded.
+    """
+    pool = sys.modules.get(f"{__name__}._pool")
+    if pool is not None:
+        pool.shutdown()
 
 
 def __getattr__(name: str) -> Any:

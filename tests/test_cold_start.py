@@ -213,3 +213,18 @@ def test_the_fork_server_forks_the_callers_resource_tracker(tmp_path: Path) -> N
     """No interpreter of its own for the tracker: the server forked it, and it takes work."""
     got = json.loads(_python(_TRACKER_PROGRAM, tmp_path))
     assert got == {"alive": True, "spawned": [], "fd": True}
+
+
+def test_shutdown_before_any_call_loads_no_pool(tmp_path: Path) -> None:
+    """procorch.shutdown() with nothing running is a no-op that imports neither loky nor psutil."""
+    out = _python(
+        """
+        import json, sys
+        import procorch
+        procorch.shutdown()
+        pool = ("loky", "psutil", "procorch._pool")
+        print(json.dumps([name for name in pool if name in sys.modules]))
+        """,
+        tmp_path,
+    )
+    assert json.loads(out) == []
