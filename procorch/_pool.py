@@ -272,13 +272,18 @@ class _Engine:
         """A fresh random id for one call's executor, so each worker unpickles it once."""
         return uuid.uuid4().hex
 
-    def new_lane(self) -> _Lane:
+    def new_lane(self, *, set_up: bool = True) -> _Lane:
+        """A new lane, its executor made at once unless a starter thread will (``acquire``)."""
         with self._lock:
             if self._scratch is None:
                 _sweep_stale_scratch()
                 self._scratch = tempfile.mkdtemp(prefix=f"procorch-{os.getpid()}-")
             path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
-        return _Lane(path)
+        lane = _Lane(path)
+        if set_up:
+            with lane._lock:
+                lane._setup()
+        return lane
 
     def acquire(self, count: int, on_started: Callable[[], object] | None = None) -> list[_Lane]:
         """``count`` lanes: idle ones first, then new ones, started in the background.
@@ -290,7 +295,7 @@ class _Engine:
         with self._lock:
             lanes = self._idle[-count:] if count else []
             del self._idle[len(self._idle) - len(lanes) :]
-        new = [self.new_lane() for _ in range(count - len(lanes))]
+        new = [self.new_lane(set_up=False) for _ in range(count - len(lanes))]
         for lane in lanes + new:
             lane.on_started = on_started
         if new:
