@@ -289,11 +289,28 @@ def warm_procorch(workers: int) -> None:
         procorch.execute_steps_parallel(work.NoopExecutor(workers), _specs(10 * workers))
 
 
+# Where a report trial (bench_peers.py --reports) writes procorch's run report.
+REPORT_ENV = "PROCORCH_BENCH_REPORT"
+
+
 def timed_procorch(executor: Any, specs: list[Any], events: Any = None) -> tuple[float, list[Any]]:
-    """Seconds for one execute_steps_parallel call, and its outcomes."""
+    """Seconds for one execute_steps_parallel call, and its outcomes.
+
+    In a report trial, the call's events also go to a ``procorch.ReportSink``
+    and its report is written where ``PROCORCH_BENCH_REPORT`` says (listening
+    to events costs time: a report trial's figures are not the table's).
+    """
+    report_path = os.environ.get(REPORT_ENV)
+    report = None
+    if report_path:
+        report = _procorch().ReportSink(forward=events)
+        events = report
     start = time.perf_counter()
     outcomes = _procorch().execute_steps_parallel(executor, specs, events=events)
-    return time.perf_counter() - start, outcomes
+    seconds = time.perf_counter() - start
+    if report is not None:
+        report.write(report_path, title=f"procorch in bench_peers: {Path(report_path).stem}")
+    return seconds, outcomes
 
 
 def _timed_peer(

@@ -51,7 +51,9 @@ repetitions. The machine may be shared, so every trial also records how much
 of the CPU other processes used while it ran, and the tables say so.
 
 Run: ``python benchmarks/bench_peers.py`` (under 10 minutes on 2 cores), or
-``--quick`` for a smoke run with small sizes and one repetition. Writes
+``--quick`` for a smoke run with small sizes and one repetition; ``--reports``
+also draws procorch's run of each workload (an extra untimed trial) into
+``peers-<workload>.html`` beside the tables. Writes
 ``benchmarks/results/peers.md``, ``peers.png`` and ``peers.json`` (every
 trial's figures; ``peers-quick.*`` with ``--quick``) and prints the tables.
 
@@ -278,12 +280,20 @@ class LoadMeter:
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
 
-def run_trial_process(workload: Workload, pool: str) -> dict[str, Any]:
+def run_trial_process(
+    workload: Workload, pool: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one trial in a fresh session; kill the session on timeout or exit."""
     command = [sys.executable, __file__, "--trial", workload.key, pool, json.dumps(workload.params)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         load = LoadMeter()
-        proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
+        )
         try:
             proc.wait(timeout=workload.timeout)
             background = load.share()
@@ -863,11 +873,36 @@ def header_lines(plan: Plan, elapsed: float) -> list[str]:
     ]
 
 
-def markdown(plan: Plan, rows: dict[str, list[Row]], elapsed: float) -> str:
+def run_reports(plan: Plan, out: Path) -> dict[str, Path]:
+    """``--reports``: one more procorch trial per workload, untimed, writing its run report."""
+    from _peer_trials import REPORT_ENV
+
+    written = {}
+    for workload in plan.workloads:
+        if "procorch" not in workload.pools:
+            continue
+        path = out.with_name(f"{out.name}-{workload.key}.html")
+        result = run_trial_process(workload, "procorch", {REPORT_ENV: str(path)})
+        print(f"  report    {workload.key:9} {result['status']} {path}", file=sys.stderr)
+        if result["status"] == "ok" and path.exists():
+            written[workload.key] = path
+    return written
+
+
+def markdown(
+    plan: Plan, rows: dict[str, list[Row]], elapsed: float, reports: dict[str, Path] | None = None
+) -> str:
     lines = header_lines(plan, elapsed)
     lines += ["## Targets", "", *_target_lines(plan, rows), "## Workloads", ""]
     for workload in plan.workloads:
         lines += _markdown_table(plan, workload, rows[workload.key])
+        report = (reports or {}).get(workload.key)
+        if report is not None:
+            lines += [
+                f"procorch's run, drawn: [{report.name}]({report.name}) (an extra, untimed "
+                "trial with a `procorch.ReportSink` listening)",
+                "",
+            ]
     lines += [
         "Notes: a peer's crash counts as labelled only if its error differs from every error "
         "an innocent step got. 'procorch vs this pool' compares the first column; it is left "
@@ -982,6 +1017,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--only", default="", help="comma-separated workloads to run")
     parser.add_argument("--out", type=Path, help="output path without suffix")
     parser.add_argument(
+        "--reports",
+        action="store_true",
+        help="also run each workload once more on procorch, untimed, and write its run "
+        "report (procorch.write_report) beside the tables: OUT-WORKLOAD.html",
+    )
+    parser.add_argument(
         "--trial", nargs=3, metavar=("WORKLOAD", "POOL", "PARAMS"), help=argparse.SUPPRESS
     )
     return parser.parse_args(argv)
@@ -1003,7 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = workload_rows(plan)
     out = args.out or HERE / "results" / ("peers-quick" if args.quick else "peers")
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(plan, rows, elapsed)
+    reports = run_reports(plan, out) if args.reports else None
+    text = markdown(plan, rows, elapsed, reports)
     out.with_suffix(".md").write_text(text)
     chart(plan, rows, out.with_suffix(".png"))
     raw = {w.key: {"params": w.params, "runs": plan.results.get(w.key, {})} for w in plan.workloads}

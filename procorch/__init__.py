@@ -29,6 +29,7 @@ from ._events import (
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor, Executor
 from ._guards import CancelToken, RetryPolicy
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
+from ._usage import StepUsage
 
 if TYPE_CHECKING:
     from ._aio import (
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
         execute_steps_parallel_async,
     )
     from ._combinators import Stage, execute_loop, execute_pipeline
-    from ._dask import DaskBackend
+    from ._dask import DaskBackend, cluster_threads
     from ._futures import BrokenPoolError, CallTimeoutError, ProcessPool, StepFailedError
     from ._journal import JournalStore, SqliteStore, WorkflowJournal
     from ._map import MapResult
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ._map import map as map  # public as procorch.map, never a bare import
     from ._parallel import execute_steps_parallel
     from ._progress import Progress, progress
+    from ._report import ReportSink, write_report
     from ._resumable import execute_steps_parallel_resumable
     from ._sandbox import Sandbox
     from ._schema import output_schema_for
@@ -61,6 +63,7 @@ _LAZY = {
     "execute_loop": "_combinators",
     "execute_pipeline": "_combinators",
     "DaskBackend": "_dask",
+    "cluster_threads": "_dask",
     "BrokenPoolError": "_futures",
     "CallTimeoutError": "_futures",
     "ProcessPool": "_futures",
@@ -74,6 +77,8 @@ _LAZY = {
     "execute_steps_parallel": "_parallel",
     "Progress": "_progress",
     "progress": "_progress",
+    "ReportSink": "_report",
+    "write_report": "_report",
     "execute_steps_parallel_resumable": "_resumable",
     "Sandbox": "_sandbox",
     "output_schema_for": "_schema",
@@ -132,6 +137,7 @@ __all__ = [
     "MapResult",
     "ProcessPool",
     "Progress",
+    "ReportSink",
     "RetryPolicy",
     "Sandbox",
     "SqliteStore",
@@ -145,8 +151,10 @@ __all__ = [
     "StepRerun",
     "StepStarted",
     "StepTimeout",
+    "StepUsage",
     "WorkflowJournal",
     "WorkflowLockedError",
+    "cluster_threads",
     "execute_loop",
     "execute_loop_async",
     "execute_pipeline",
@@ -158,6 +166,7 @@ __all__ = [
     "progress",
     "shutdown",
     "stream_steps_parallel",
+    "write_report",
 ]
 
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ from ._cli_console import Console, Display, OutputRelay, Tally, count, summary
 from ._cli_input import BadLine, SpecReader, SpecSource, UnusableInput, decoded
 from ._cli_output import EventLog, JobLog, OrderedOutcomes, OutcomeFile, UnwritableOutput
 from ._cli_run import Run
-from ._dask import DaskBackend
+from ._dask import DaskBackend, cluster_threads, ship_executor_module
 from ._errors import ExecutorError, JournalError, WorkflowLockedError
 from ._events import Event, EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
@@ -49,6 +49,7 @@ from ._guards import CancelToken, RetryableKind, RetryPolicy
 from ._journal import SqliteStore, WorkflowJournal, spec_digest
 from ._model import AgentStepSpec, StepOutcome
 from ._pool import shutdown
+from ._report import ReportSink, write_report
 from ._sandbox import Sandbox
 
 __all__ = ["main"]
@@ -211,7 +212,8 @@ examples:
   procorch run mypkg.agents:Executor specs.jsonl -o outcomes.jsonl
   procorch run mypkg.agents:Executor - -j 8 --step-timeout 60 --memory-limit 2G < specs.jsonl
   procorch run mypkg.agents:make_executor specs.jsonl --attempts 3 --retry-on crash,timeout \\
-      --events events.jsonl --joblog jobs.tsv -o outcomes.jsonl
+      --events events.jsonl --joblog jobs.tsv --report run.html -o outcomes.jsonl
+  procorch report events.jsonl -o run.html    # the same report, drawn again later
   tail -f specs.jsonl | procorch run mypkg.agents:Executor - --unordered -o outcomes.jsonl"""
 
 
@@ -247,6 +249,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(run)
     run.set_defaults(command_parser=run)  # usage errors found later print run's usage
+    report = commands.add_parser(
+        "report",
+        help="draw the run report of an events file written by 'procorch run --events'",
+        description="Write the run report (the page 'procorch run --report' writes) of "
+        "the events in EVENTS, a JSON Lines file written by 'procorch run --events': a "
+        "past run drawn again. The same events give the same page, byte for byte.",
+    )
+    report.add_argument("events_file", metavar="EVENTS", help="the events file (JSON Lines)")
+    report.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        required=True,
+        help="write the report (HTML) here",
+    )
+    report.add_argument(
+        "--title", default="procorch run", help="the page's title (default: procorch run)"
+    )
     commands.add_parser(
         "demo",
         help="run the bundled demo batch: success, failure, crash and timeout side by side",
@@ -287,6 +307,14 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "start (Unix time), duration, attempts, result (ok or the failure's kind), pid",
     )
     files.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write a run report here when the run ends: one self-contained HTML page with "
+        "a timeline of every step attempt by worker, the concurrency over time, failures "
+        "by kind, the slowest steps, the largest memory users and the totals (the same "
+        "page as 'procorch report' draws from the --events file)",
+    )
+    files.add_argument(
         "--dry-run",
         action="store_true",
         help="check the specs, the executor and the options (and the journal and the "
@@ -303,7 +331,8 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--concurrency",
         metavar="N",
         type=_at_least_one,
-        help="run at most N steps at once (default: the executor's concurrency_hint())",
+        help="run at most N steps at once (default: the executor's concurrency_hint(); "
+        "with --dask, the cluster's worker threads when the run starts)",
     )
     guards.add_argument(
         "--step-timeout",
@@ -416,7 +445,25 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--dask",
         metavar="ADDRESS",
         help="run the steps on the Dask cluster whose scheduler is at ADDRESS "
-        "(e.g. tcp://10.0.0.5:8786) instead of local worker processes; needs the dask extra",
+        "(e.g. tcp://10.0.0.5:8786) instead of local worker processes; needs the dask extra. "
+        "The executor's module is sent to the workers with the executor, unless it is "
+        "installed; the modules it imports must be installed there",
+    )
+    where.add_argument(
+        "--dask-tls-ca-file",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: the CA certificate(s) to trust, in PEM format",
+    )
+    where.add_argument(
+        "--dask-tls-cert",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: this client's certificate, in PEM format",
+    )
+    where.add_argument(
+        "--dask-tls-key",
+        metavar="PATH",
+        help="with a tls:// --dask ADDRESS: this client's private key, in PEM format "
+        "(if not in the --dask-tls-cert file)",
     )
     resume = run.add_argument_group(
         "resumable runs",
@@ -458,6 +505,15 @@ def _check_combinations(args: argparse.Namespace) -> None:
         parser.error("--workflow-id and --journal go together")
     if args.attempts == 1 and (args.retry_on is not None or args.retry_backoff is not None):
         parser.error("--retry-on and --retry-backoff need --attempts 2 or more")
+    tls = [args.dask_tls_ca_file, args.dask_tls_cert, args.dask_tls_key]
+    if any(tls) and (args.dask is None or not args.dask.startswith("tls://")):
+        parser.error("the --dask-tls-* options need --dask with a tls:// address")
+    if args.dask is not None and args.dask.startswith("tls://"):
+        if not (args.dask_tls_ca_file and args.dask_tls_cert):
+            parser.error(
+                "--dask with a tls:// address needs --dask-tls-ca-file and --dask-tls-cert "
+                "(and --dask-tls-key if the key is not in the certificate's file)"
+            )
     if args.dask is not None:
         if args.memory_limit is not None:
             parser.error(
@@ -479,7 +535,14 @@ def _check_combinations(args: argparse.Namespace) -> None:
         parser.error("--output and --events cannot both be standard output")
     if args.joblog == "-":
         parser.error("--joblog needs a file (standard output carries the outcomes or events)")
-    files = {"--output": args.output, "--events": args.events, "--joblog": args.joblog}
+    if args.report == "-":
+        parser.error("--report needs a file (standard output carries the outcomes or events)")
+    files = {
+        "--output": args.output,
+        "--events": args.events,
+        "--joblog": args.joblog,
+        "--report": args.report,
+    }
     named = [(option, path) for option, path in files.items() if path not in (None, "-")]
     for number, (option, path) in enumerate(named):
         for other, other_path in named[number + 1 :]:
@@ -602,12 +665,15 @@ def _stop_workers() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-async def _identify(address: str) -> None:
+async def _identify(address: str, security: Any) -> None:
     import asyncio
 
     from distributed.core import rpc
 
-    scheduler = rpc(address, timeout=_DASK_PROBE_SECONDS)  # type: ignore[no-untyped-call]
+    connection_args = security.get_connection_args("client") if security is not None else {}
+    scheduler = rpc(  # type: ignore[no-untyped-call]
+        address, timeout=_DASK_PROBE_SECONDS, connection_args=connection_args
+    )
     try:
         # Connecting gives up after the probe's time; a server that is no Dask scheduler
         # never answers, and is given as long again.
@@ -616,7 +682,24 @@ async def _identify(address: str) -> None:
         await scheduler.close_rpc()  # type: ignore[no-untyped-call]
 
 
-def _dask_client(address: str) -> Any:
+def _dask_security(args: argparse.Namespace) -> Any:
+    """The ``distributed.Security`` the --dask-tls-* options ask for, or None (no TLS)."""
+    if not args.dask_tls_ca_file:
+        return None
+    import distributed
+
+    for path in (args.dask_tls_ca_file, args.dask_tls_cert, args.dask_tls_key):
+        if path is not None and not os.path.isfile(path):
+            raise _BadInput(f"cannot read the TLS file {path!r}: no such file")
+    return distributed.Security(  # type: ignore[no-untyped-call]
+        tls_ca_file=args.dask_tls_ca_file,
+        tls_client_cert=args.dask_tls_cert,
+        tls_client_key=args.dask_tls_key,
+        require_encryption=True,
+    )
+
+
+def _dask_client(address: str, security: Any = None) -> Any:
     """A client of the scheduler at ``address``, or _BadInput within seconds if it does not answer.
 
     A probe asks the scheduler who it is before a Client is made: a Client
@@ -630,13 +713,16 @@ def _dask_client(address: str) -> Any:
     import asyncio  # only to probe a Dask scheduler: a plain run never needs it
 
     try:
-        asyncio.run(_identify(address))
+        asyncio.run(_identify(address, security))
     except (TimeoutError, OSError, ValueError, TypeError) as exc:
         reason = str(exc) or f"no answer in {2 * _DASK_PROBE_SECONDS:g} s (is it a Dask scheduler?)"
         raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {reason}") from None
     try:
         return distributed.Client(
-            address, timeout=f"{_DASK_PROBE_SECONDS * 2:g}s", set_as_default=False
+            address,
+            timeout=f"{_DASK_PROBE_SECONDS * 2:g}s",
+            set_as_default=False,
+            security=security,
         )  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise _BadInput(f"cannot reach the Dask scheduler at {address!r}: {exc}") from None
@@ -794,14 +880,19 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
             raise _BadInput(str(exc)) from None
         stack.callback(source.close)
         executor = _load_executor(args.executor)
-        concurrency = args.concurrency or _concurrency(executor, args.executor)
-        if args.concurrency is not None:
-            executor = _ConcurrencyOverride(executor, args.concurrency)
-        cancel = CancelToken() if args.halt_on_failure is not None else None
         client = None
         if args.dask is not None:
-            client = _dask_client(args.dask)
+            ship_executor_module(args.executor.partition(":")[0], executor)
+            client = _dask_client(args.dask, _dask_security(args))
             stack.callback(client.close)
+        concurrency = (
+            args.concurrency
+            or (cluster_threads(client) if client is not None else None)
+            or _concurrency(executor, args.executor)
+        )
+        if args.concurrency is not None or client is not None:
+            executor = _ConcurrencyOverride(executor, concurrency)
+        cancel = CancelToken() if args.halt_on_failure is not None else None
         call = _prepare(executor, on_event, _guards(args, cancel, client), args.executor)
         journal: WorkflowJournal | None = None
         done: dict[str, tuple[str, StepOutcome]] = {}
@@ -834,6 +925,10 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         if args.joblog is not None:
             joblog = JobLog(_open_log(args.joblog, "the job log", None, stack), args.joblog)
             listeners.append(joblog.event)
+        if args.report is not None:
+            report = ReportSink()
+            listeners.append(report)
+            stack.callback(_write_run_report, report, args.report, say)
         tally = Tally(None if checked is None else checked.to_run, 0)
         listeners.insert(0, tally.event)
         writer = OrderedOutcomes(output, ordered=not args.unordered)
@@ -924,6 +1019,14 @@ def _run(args: argparse.Namespace, console: Console, stdout: IO[bytes] | None) -
         return EXIT_OK if run.all_succeeded else EXIT_FAILED
 
 
+def _write_run_report(report: ReportSink, path: str, say: Callable[[str], None]) -> None:
+    """``--report``: written when the run ends, however it ends (a warning if it cannot be)."""
+    try:
+        report.write(path)
+    except OSError as exc:
+        say(f"procorch: warning: cannot write the report to {path!r}: {exc.strerror or exc}")
+
+
 def _keep_what_finished(
     writer: OrderedOutcomes, output: OutcomeFile, say: Callable[[str], None]
 ) -> bool:
@@ -961,6 +1064,22 @@ def _interrupted(
     return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
+def _report(args: argparse.Namespace) -> int:
+    """``procorch report EVENTS -o FILE``."""
+    try:
+        write_report(args.output, args.events_file, title=args.title)
+    except FileNotFoundError:
+        print(f"procorch: no events file {args.events_file!r}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"procorch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"procorch: cannot write the report: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def _demo() -> int:
     """``procorch demo``: the bundled batch."""
     from . import demo
@@ -983,6 +1102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
+    if args.command == "report":
+        return _report(args)
     _check_combinations(args)
     _search_current_directory_first()
     console = Console(os.dup(2))

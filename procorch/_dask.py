@@ -69,7 +69,11 @@ new key, uncharged (``StepRerun``), and blamed (``StepCrashed``) when Dask
 gives up on that submission too. With one thread per worker, a started,
 unfinished step on a dead worker can only be the one that killed it. A
 running Python task cannot be interrupted: a step stopped for a guard has its
-future cancelled and its worker restarted.
+future cancelled and its worker restarted by its nanny, in the background (a
+worker without a nanny cannot be, and the outcome says the step may still be
+running there). A blamed step's outcome carries its worker's exit code or
+signal, which the nanny publishes on the scheduler (``_dask_nanny``), looked
+up from a background thread once the verdict is reached.
 
 The cost of that caution: a step that kills its worker is failed only after
 Dask gave up on it twice, that is 2 x (allowed-failures + 1) worker deaths
@@ -81,9 +85,12 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
+import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -93,11 +100,12 @@ from ._backend import StepBackend, StopFacts
 from ._model import StepError
 from ._options import CallOptions
 from ._protocol import Done, Progress, decode_frame, encode, progress_frame
+from ._usage import UsageMeter, partial_usage
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
 
-__all__ = ["DASK_GUARDS", "DaskBackend"]
+__all__ = ["DASK_GUARDS", "DaskBackend", "cluster_threads", "ship_executor_module"]
 
 DASK_GUARDS = frozenset({"step_timeout", "step_timeouts", "call_timeout", "retry", "cancel"})
 
@@ -117,6 +125,11 @@ _LISTEN_RETRY_SECONDS = 1.0  # after the queue failed (a connection lost), befor
 _LAST_STARTS_SECONDS = 5.0
 
 _RESTART_SECONDS = 30.0  # how long restarting a worker may take
+
+# How long a crash verdict waits for the dead worker's exit code to reach the
+# scheduler from its nanny (it is there within milliseconds, as a rule).
+_EXIT_CODE_SECONDS = 5.0
+_EXIT_CODE_POLL_SECONDS = 0.1
 _STOP_LISTENER_SECONDS = 5.0  # how long close() waits for the listener to hear its stop
 
 
@@ -129,18 +142,31 @@ class DaskBackend:
     closed with each call, with ``security`` (a ``distributed.Security``,
     for TLS; a cluster object's own by default). Workers with one thread
     each give the cleanest crash attribution (see the module notes).
+
+    ``annotations`` maps a step's ``task_id`` to what Dask should know of
+    its task: ``resources`` (``{"GPU": 1}``: only workers started with them
+    run it), ``priority`` (higher first), ``workers`` (an address or a list
+    of them) and ``allow_other_workers``, as ``Client.submit`` takes them.
+    A step no worker can take waits for one (bound it with ``call_timeout``).
     """
 
     supported_guards = DASK_GUARDS
     name = "the Dask backend"
 
-    def __init__(self, client_or_address: Any, *, security: Any = None) -> None:
+    def __init__(
+        self,
+        client_or_address: Any,
+        *,
+        security: Any = None,
+        annotations: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         try:
             import distributed
         except ImportError as exc:  # pragma: no cover - the extra is not installed
             raise ImportError(
                 "the Dask backend needs the dask extra: pip install 'procorch[dask]'"
             ) from exc
+        self.annotations = _checked_annotations(annotations)
         self.security = security
         if isinstance(client_or_address, str):
             self.address: str | None = client_or_address
@@ -171,12 +197,117 @@ class DaskBackend:
         return _DaskSteps(self, blob, token, options)
 
 
+_ANNOTATIONS: dict[str, tuple[type, ...]] = {
+    "resources": (Mapping,),
+    "priority": (int,),
+    "workers": (str, list, tuple),
+    "allow_other_workers": (bool,),
+}
+
+
+def _checked_annotations(
+    annotations: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    """``annotations`` as plain dicts, or an error naming the task and what is wrong."""
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, Mapping):
+        raise TypeError(
+            "annotations must map a task_id to a dict of Dask task annotations "
+            f"(got {type(annotations).__name__})"
+        )
+    checked = {}
+    for task_id, given in annotations.items():
+        if not isinstance(given, Mapping):
+            raise TypeError(f"annotations[{task_id!r}] must be a dict (got {type(given).__name__})")
+        for name, value in given.items():
+            kinds = _ANNOTATIONS.get(name)
+            if kinds is None:
+                known = ", ".join(_ANNOTATIONS)
+                raise ValueError(f"annotations[{task_id!r}]: unknown {name!r} (known: {known})")
+            if not isinstance(value, kinds) or (name == "priority" and isinstance(value, bool)):
+                raise ValueError(
+                    f"annotations[{task_id!r}][{name!r}] has the wrong type "
+                    f"({type(value).__name__})"
+                )
+        checked[task_id] = dict(given)
+    return checked
+
+
+def cluster_threads(client: Any) -> int | None:
+    """The worker threads of the client's cluster now (None if it cannot say, or has none).
+
+    The concurrency a cluster can serve: ``procorch run --dask`` uses it by
+    default; from Python, pass ``concurrency=cluster_threads(client)``.
+    """
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception:  # the scheduler is away: the call will say so
+        return None
+    return threads or None
+
+
+def ship_executor_module(module_name: str, executor: Any) -> list[str]:
+    """Have cloudpickle send the executor's own module(s) by value; the names shipped.
+
+    Dask workers import a pickled class by its module's name: a module that
+    is not installed on them (a script beside the specs) fails every step
+    with ModuleNotFoundError. A module found in this interpreter's
+    installation (site-packages, the standard library) or in procorch is
+    left to be imported there; the modules a shipped module imports are too.
+    """
+    import sysconfig
+
+    import cloudpickle
+
+    installed = {
+        os.path.realpath(path) + os.sep
+        for key in ("purelib", "platlib", "stdlib", "platstdlib")
+        if (path := sysconfig.get_paths().get(key))
+    }
+    shipped = []
+    for name in dict.fromkeys([module_name, type(executor).__module__]):
+        top = name.partition(".")[0]
+        module = sys.modules.get(name)
+        where = getattr(module, "__file__", None)
+        if module is None or where is None or top == "procorch" or top == "__main__":
+            continue
+        if top in sys.stdlib_module_names or os.path.realpath(where).startswith(tuple(installed)):
+            continue
+        cloudpickle.register_pickle_by_value(module)
+        shipped.append(name)
+    return shipped
+
+
 # -- in the worker ---------------------------------------------------------------
 
 
 def _executor_bytes(blob: bytes) -> bytes:
     """The pickled executor, as a task: every worker fetches it once, and a lost copy is redone."""
     return blob
+
+
+# Clients whose cluster's nannies were asked to publish their workers' exit codes.
+_witnessed: weakref.WeakSet[Any] = weakref.WeakSet()
+_witnessed_lock = threading.Lock()
+
+
+def _ask_nannies_for_exit_codes(client: Any) -> None:
+    """Register ``_dask_nanny.ExitWitness`` on the cluster, once per client.
+
+    A cluster that refuses it (no nannies, procorch not importable there)
+    still runs steps; its crashes are then reported without an exit code.
+    """
+    with _witnessed_lock:
+        if client in _witnessed:
+            return
+        _witnessed.add(client)
+    try:
+        from ._dask_nanny import ExitWitness
+
+        client.register_plugin(ExitWitness())
+    except Exception:
+        pass
 
 
 def _forget_on_scheduler(queue_name: str, dask_scheduler: Any = None) -> None:
@@ -244,14 +375,39 @@ def _run_on_worker(
 
     worker = get_worker()
     run = uuid.uuid4().hex  # Dask may run this task again elsewhere: each run has its own name
-    who = {"k": key, "i": step, "r": run, "pid": os.getpid(), "w": worker.address}
+    who = {"k": key, "i": step, "r": run, "pid": os.getpid(), "w": worker.address,
+           "n": worker.nanny}  # fmt: skip
     runs = Queue(queue_name)  # type: ignore[no-untyped-call]
     runs.put(who)  # type: ignore[no-untyped-call]
     sink = _DaskSink(runs, key, run, step, attempt)
+    meter = _step_meter(worker)
+    if meter is not None:
+        meter.begin()
     outcome, duration = run_step(_decode_spec(spec_bytes), token, blob, sink)
     sink.close()
-    done = encode(Done(step, attempt, outcome, duration))
+    usage = meter.end(duration) if meter is not None else partial_usage(duration)
+    done = encode(Done(step, attempt, outcome, duration, usage))
     runs.put({**who, "d": done, "p": sink.frames})  # type: ignore[no-untyped-call]
+
+
+def _step_meter(worker: Any) -> Any:
+    """A usage meter for this worker process when it runs one step at a time, else None.
+
+    Process-wide figures (CPU, peak memory) are one step's own only on a
+    worker with one thread; with more, steps share the process and only the
+    wall time is the step's (see ``_usage``). Dask's own threads' CPU during
+    the step counts as the step's (a few milliseconds a second, measured
+    nowhere else).
+    """
+    global _dask_meter
+    if getattr(getattr(worker, "state", None), "nthreads", None) != 1:
+        return None
+    if _dask_meter is None or _dask_meter[0] != os.getpid():
+        _dask_meter = (os.getpid(), UsageMeter())
+    return _dask_meter[1]
+
+
+_dask_meter: tuple[int, UsageMeter] | None = None
 
 
 # -- in the caller ------------------------------------------------------------------
@@ -260,7 +416,17 @@ def _run_on_worker(
 class _Task:
     """One submission of a step: a Dask task under a key of its own."""
 
-    __slots__ = ("address", "attempt", "delivered", "future", "index", "key", "pid", "run")
+    __slots__ = (
+        "address",
+        "attempt",
+        "delivered",
+        "future",
+        "index",
+        "key",
+        "nanny",
+        "pid",
+        "run",
+    )
 
     def __init__(self, index: int, key: str, future: Any) -> None:
         self.index = index
@@ -270,6 +436,7 @@ class _Task:
         self.attempt = 0  # the lifecycle's attempt number for that run
         self.pid: int | None = None
         self.address: str | None = None
+        self.nanny: str | None = None  # its worker's nanny, if it has one (it can restart it)
         self.delivered = 0  # that run's live progress events reported so far
 
 
@@ -334,6 +501,7 @@ class _DaskSteps:
                     f"cannot reach the Dask scheduler at {self.factory.address}: {exc}"
                 ) from None
             self._owns_client = True
+        _ask_nannies_for_exit_codes(self._client)
         # A task, not scattered data: a worker's death can lose scattered data
         # for good, while a task's result is computed again from the graph.
         self._executor = self._client.submit(
@@ -373,6 +541,8 @@ class _DaskSteps:
                 self._on_progress(news[1])
             elif kind == "failed":
                 self._on_failed(news[1], news[2])
+            elif kind == "crashed":
+                self._on_crashed(news[1], news[2])
             else:
                 self.barriers_back = max(self.barriers_back, news[1])
         if self.killed:
@@ -389,8 +559,7 @@ class _DaskSteps:
             return StopFacts()
         self._cancel([task])
         self._forget(task)
-        self._restart_later([task.address] if task.address else [])
-        return StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
+        return self._stopped([task]).get(index, StopFacts(pid=task.pid))
 
     def stop_all(self) -> dict[int, StopFacts]:
         tasks = list(self.tasks.values())
@@ -399,12 +568,25 @@ class _DaskSteps:
         self._cancel(tasks)
         for task in tasks:
             self._forget(task)
-        running = [task for task in tasks if task.run is not None]
-        self._restart_later(sorted({task.address for task in running if task.address}))
-        return {
-            task.index: StopFacts(pid=task.pid, stopped=_messages.dask_restarting(task.address))
-            for task in running
-        }
+        return self._stopped([task for task in tasks if task.run is not None])
+
+    def _stopped(self, running: list[_Task]) -> dict[int, StopFacts]:
+        """Restart the workers of ``running`` (cancelled tasks) that can be, and say what was done.
+
+        A running Python task cannot be stopped any other way; a worker
+        without a nanny cannot be restarted, so its step may still be running.
+        """
+        self._restart_later(
+            sorted({task.address for task in running if task.nanny and task.address})
+        )
+        facts = {}
+        for task in running:
+            if task.nanny:
+                said = _messages.dask_restarting(task.address)
+            else:
+                said = _messages.dask_not_restarted(task.address)
+            facts[task.index] = StopFacts(pid=task.pid, stopped=said)
+        return facts
 
     def close(self) -> None:
         """Stop whatever still runs (the call ended early), then leave the cluster."""
@@ -459,6 +641,7 @@ class _DaskSteps:
         # token): steps must not share theirs with the executor task, or the
         # scheduler, taking steps for instant, queues them where that task ran.
         key = f"procorch-step-{self.token}-{index}-{self.submitted}"
+        annotations = self.factory.annotations.get(steps.spec(index).task_id, {})
         future = self._client.submit(
             _run_on_worker,
             self.token,
@@ -470,6 +653,7 @@ class _DaskSteps:
             self.queue_name,
             pure=False,
             key=key,
+            **annotations,
         )
         task = _Task(index, key, future)
         self.tasks[index] = task
@@ -582,12 +766,16 @@ class _DaskSteps:
         if task is None:
             return  # stale: a task since finished, stopped or replaced
         if "d" not in message:
-            self._run_began(task, message["r"], message["pid"], message["w"], at)
+            self._run_began(task, message, at)
         else:
             self._on_done(task, message, at)
 
-    def _run_began(self, task: _Task, run: str, pid: int, address: str, at: float) -> bool:
-        """Tell the lifecycle that ``run`` of the task began, once; False if it refused."""
+    def _run_began(self, task: _Task, message: dict[str, Any], at: float) -> bool:
+        """Tell the lifecycle that the run of the task ``message`` names began, once.
+
+        False if the lifecycle refused it.
+        """
+        run, pid = message["r"], message["pid"]
         if task.run == run:
             return True
         steps = self._steps()
@@ -598,7 +786,8 @@ class _DaskSteps:
         attempt = steps.attempt(task.index)
         if not steps.started(task.index, attempt, pid, at):
             return False
-        task.run, task.attempt, task.pid, task.address = run, attempt, pid, address
+        task.run, task.attempt, task.pid = run, attempt, pid
+        task.address, task.nanny = message["w"], message.get("n")
         task.delivered = 0
         return True
 
@@ -619,26 +808,25 @@ class _DaskSteps:
         self._forget(task)  # its key released: Dask must not run it again if a worker dies now
         self.suspected.pop(task.index, None)
         steps = self._steps()
-        run, pid, address = message["r"], message["pid"], message["w"]
         try:
             done = decode_frame(message["d"])
             progress = [decode_frame(frame) for frame in message["p"]]
             assert isinstance(done, Done) and all(isinstance(f, Progress) for f in progress)
         except (AssertionError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            if self._run_began(task, run, pid, address, at):
+            if self._run_began(task, message, at):
                 detail = f"its Dask task's report could not be read ({exc!r})"
                 said = _messages.lost(steps.spec(task.index), detail)
-                error = StepError(kind="internal", message=said, pid=pid)
+                error = StepError(kind="internal", message=said, pid=message["pid"])
                 steps.failed(task.index, task.attempt, error)
             return
         # Its start came first on the same road, so the run is known;
         # were it not, the start is placed by the duration the worker measured.
-        if not self._run_began(task, run, pid, address, at - done.duration):
+        if not self._run_began(task, message, at - done.duration):
             return
         for frame in progress[task.delivered :]:
             assert isinstance(frame, Progress)
             steps.progress(task.index, task.attempt, frame.data)
-        steps.finished(task.index, task.attempt, done.outcome, done.duration)
+        steps.finished(task.index, task.attempt, done.outcome, done.duration, done.usage)
 
     def _on_failed(self, task: _Task, exc: BaseException) -> None:
         from distributed.scheduler import KilledWorker
@@ -683,7 +871,7 @@ class _DaskSteps:
                 continue
             self._forget(task)
             if task.run is None:  # never seen to start: an innocent bystander
-                steps.gave_back([index], death=(None, None, _messages.dask_gave_up(killed.exc)))
+                steps.gave_back([index], death=(None, None, _messages.dask_gave_up()))
                 continue
             deaths = self.suspected.get(index, 0) + 1
             if deaths < _DEATHS_TO_BLAME:
@@ -695,8 +883,50 @@ class _DaskSteps:
                 steps.interrupted(index, task.attempt, reason)
             else:
                 self.suspected.pop(index, None)
-                message = _messages.dask_crash(steps.spec(index), task.address, killed.exc)
-                steps.crashed(index, task.attempt, pid=task.pid, exit_code=None, message=message)
+                self._blame_later(task)
+
+    def _blame_later(self, task: _Task) -> None:
+        """The task's step killed its worker: blame it with the exit code its nanny saw.
+
+        From another thread, as the code can reach the scheduler a moment
+        after the death (see ``_dask_nanny``); meanwhile the step still runs
+        for the lifecycle, so its limits and the call's deadline go on.
+        """
+        thread = threading.Thread(
+            target=self._find_exit_code, args=(task,), name="procorch-dask-exit", daemon=True
+        )
+        thread.start()
+
+    def _find_exit_code(self, task: _Task) -> None:
+        from ._dask_nanny import EXITS_TOPIC
+
+        code: int | None = None
+        deadline = time.monotonic() + _EXIT_CODE_SECONDS
+        while task.nanny is not None and code is None and not self._closing.is_set():
+            try:
+                events = self._client.get_events(EXITS_TOPIC)
+            except Exception:  # the client is closing, the scheduler is away
+                break
+            for _, said in reversed(events):
+                if isinstance(said, dict) and (said.get("pid"), said.get("address")) == (
+                    task.pid,
+                    task.address,
+                ):
+                    code = said.get("code")
+                    break
+            if code is None and self._closing.wait(_EXIT_CODE_POLL_SECONDS):
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self._closing.is_set():  # else the call is over: nobody is listening
+            self._tell(("crashed", task, code))
+
+    def _on_crashed(self, task: _Task, code: int | None) -> None:
+        steps = self._steps()
+        message = _messages.dask_crash(
+            steps.spec(task.index), task.pid, task.address, code, task.nanny is not None
+        )
+        steps.crashed(task.index, task.attempt, pid=task.pid, exit_code=code, message=message)
 
     def _read_last_runs(self) -> None:
         """At an early end: learn which of the tasks in flight began, and where."""
@@ -720,4 +950,5 @@ class _DaskSteps:
                 if task is not None and "d" in message:
                     self._forget(task)  # over: nothing to stop
                 elif task is not None:
-                    task.run, task.pid, task.address = message["r"], message["pid"], message["w"]
+                    task.run, task.pid = message["r"], message["pid"]
+                    task.address, task.nanny = message["w"], message.get("n")

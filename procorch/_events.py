@@ -11,6 +11,14 @@ order, and nothing arrives after ``StepFinished``::
 ``StepRerun`` replaces ``StepFinished`` when a failed attempt will be retried
 (see ``RetryPolicy``); the next attempt then starts with its own number.
 
+Events also say when and at what cost: ``StepStarted.at`` is the instant
+the worker began the attempt (seconds on the machine's monotonic clock:
+differences between events are meaningful, the origin is not) and
+``concurrency`` the call's number of steps at once; ``StepRerun`` and
+``StepFinished`` carry the ending attempt's ``usage`` (see
+:class:`StepUsage`) and its failure's ``error_kind``. From these alone a
+run can be drawn again (``procorch.write_report``).
+
 The family is a tagged union: ``msgspec.json.encode(event)`` writes an
 ``"event"`` field naming the kind, and ``msgspec.json.decode(data, type=Event)``
 reads any of them back.
@@ -21,6 +29,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import msgspec
+
+from ._usage import StepUsage
 
 __all__ = [
     "Event",
@@ -40,10 +50,17 @@ class _StepEvent(msgspec.Struct, frozen=True, tag_field="event"):
 
 
 class StepStarted(_StepEvent, frozen=True, tag="started"):
-    """A worker began the step; ``pid`` is that worker's process id."""
+    """A worker began the step; ``pid`` is that worker's process id.
+
+    ``at`` is the instant it began (``time.monotonic()`` of the machine, as
+    the worker saw it; a Dask step: when the caller heard of it), and
+    ``concurrency`` how many steps the call runs at once.
+    """
 
     agent: str
     pid: int
+    at: float | None = None
+    concurrency: int | None = None
 
 
 class StepProgress(_StepEvent, frozen=True, tag="progress"):
@@ -61,16 +78,33 @@ class StepCrashed(_StepEvent, frozen=True, tag="crashed"):
 
 
 class StepRerun(_StepEvent, frozen=True, tag="rerun"):
-    """The previous attempt failed with ``reason``; the step will run again as ``attempt``."""
+    """The previous attempt failed with ``reason``; the step will run again as ``attempt``.
+
+    ``error_kind`` is that failure's kind (None when the attempt was cut
+    short without a verdict, by a backend that runs it again uncharged) and
+    ``usage`` what the attempt cost.
+    """
 
     reason: str
+    error_kind: str | None = None
+    usage: StepUsage | None = None
 
 
 class StepFinished(_StepEvent, frozen=True, tag="finished"):
-    """The step is over; ``duration`` is in seconds, as seen by the worker."""
+    """The step is over; ``duration`` is in seconds, as seen by the worker.
+
+    For a failed step, ``error_kind`` is its outcome's ``error.kind``
+    (``"unsuccessful"`` when the executor itself returned ``success`` false)
+    and ``reason`` its message. ``usage`` is what the last attempt cost
+    (None when no attempt ran to the end: a step stopped while it waited to
+    be retried).
+    """
 
     success: bool
     duration: float
+    error_kind: str | None = None
+    reason: str | None = None
+    usage: StepUsage | None = None
 
 
 Event = StepStarted | StepProgress | StepCrashed | StepRerun | StepFinished

@@ -46,6 +46,7 @@ from ._backend import StepBackend, StopFacts
 from ._events import Event, StepCrashed, StepFinished, StepProgress, StepRerun, StepStarted
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._options import CallOptions
+from ._usage import StepUsage, partial_usage
 from ._wake import WakePipe
 
 __all__ = ["StepLifecycle", "StepRecord"]
@@ -56,6 +57,9 @@ __all__ = ["StepLifecycle", "StepRecord"]
 MAX_UNSTARTED_DEATHS = 3
 
 QUEUED, SENT, RUNNING, WAITING = "queued", "sent", "running", "waiting"
+
+# What a backend that reports no usage leaves unknown of a finished attempt.
+_WORKER_MEASURED = partial_usage(0.0).missing
 
 
 class StepRecord:
@@ -123,6 +127,7 @@ class StepLifecycle:
         )
         self._positions: dict[int, int] = {}  # index -> position, where they differ
         self.deadline: float | None = None
+        self.slots: int | None = None  # steps at once, for the events (set by open)
         self._wake = WakePipe()
         self._previous_sigterm: Any = None
         self._opened = False
@@ -162,6 +167,7 @@ class StepLifecycle:
         if self.options.call_timeout is not None:
             self.deadline = time.monotonic() + self.options.call_timeout
         self._opened = True
+        self.slots = slots
         if self.options.cancel is not None:
             self.options.cancel._listen(self.wake)
         self._previous_sigterm = _raise_keyboard_interrupt_on_sigterm()
@@ -267,9 +273,10 @@ class StepLifecycle:
         self._running[index] = record
         if self.emit is not None:
             spec = record.spec
-            self._post(
-                self.emit, StepStarted(record.position, spec.task_id, attempt, spec.agent, pid)
+            started = StepStarted(
+                record.position, spec.task_id, attempt, spec.agent, pid, at, self.slots
             )
+            self._post(self.emit, started)
         return True
 
     def progress(self, index: int, attempt: int, data: Any) -> bool:
@@ -280,8 +287,18 @@ class StepLifecycle:
             self._post(self.emit, StepProgress(record.position, record.spec.task_id, attempt, data))
         return True
 
-    def finished(self, index: int, attempt: int, outcome: StepOutcome, duration: float) -> bool:
-        """The step's attempt ended with ``outcome`` after ``duration`` s (the worker's measure)."""
+    def finished(
+        self,
+        index: int,
+        attempt: int,
+        outcome: StepOutcome,
+        duration: float,
+        usage: StepUsage | None = None,
+    ) -> bool:
+        """The step's attempt ended with ``outcome`` after ``duration`` s (the worker's measure).
+
+        ``usage`` is what the attempt cost, as the worker measured it.
+        """
         record = self.steps.get(index)  # _current, inlined: this is the hot path
         if record is None or record.state is not RUNNING or attempt != record.attempts:
             return False
@@ -291,10 +308,12 @@ class StepLifecycle:
             message = _messages.soft_timed_out(record.spec, record.limit, grace, outcome)
             error = StepError(kind="timeout", message=message, pid=record.pid, limit=record.limit)
             outcome = self._failed_outcome(record.spec, error)
+        if usage is None and self.emit is not None:
+            usage = StepUsage(wall=duration, missing=_WORKER_MEASURED)
         if outcome.error is None:
-            self._record(index, outcome, duration)
+            self._record(index, outcome, duration, usage)
         else:
-            self._settle(index, outcome, duration)
+            self._settle(index, outcome, duration, usage)
         return True
 
     def crashed(
@@ -353,13 +372,15 @@ class StepLifecycle:
         record = self._current(index, attempt, RUNNING)
         if record is None:
             return False
+        usage = partial_usage(self._ran_for(record))
         self._running.pop(index, None)
         record.started_at = None
         record.uncharged += 1
         if self.emit is not None:
-            self._post(
-                self.emit, StepRerun(record.position, record.spec.task_id, attempt + 1, reason)
+            rerun = StepRerun(
+                record.position, record.spec.task_id, attempt + 1, reason, None, usage
             )
+            self._post(self.emit, rerun)
         if resent:
             record.state = SENT
         else:
@@ -485,7 +506,9 @@ class StepLifecycle:
                     limit=call_timeout if kind == "timeout" else None,
                     printed=stopped.printed,
                 )
-                self._record(index, self._failed_outcome(spec, error), self._ran_for(record))
+                ran_for = self._ran_for(record)
+                outcome = self._failed_outcome(spec, error)
+                self._record(index, outcome, ran_for, partial_usage(ran_for))
             else:
                 message = _messages.cancelled_before_start(spec, before, record.attempts > 0)
                 error = StepError(
@@ -507,9 +530,13 @@ class StepLifecycle:
         return StepOutcome.failed(spec.task_id, spec.agent, error.message, error)
 
     def _fail(self, index: int, error: StepError, duration: float) -> None:
-        self._settle(index, self._failed_outcome(self.steps[index].spec, error), duration)
+        """The parent's verdict on a running attempt: it knows the wall time, and what it read."""
+        outcome = self._failed_outcome(self.steps[index].spec, error)
+        self._settle(index, outcome, duration, partial_usage(duration, error.memory))
 
-    def _settle(self, index: int, outcome: StepOutcome, duration: float) -> None:
+    def _settle(
+        self, index: int, outcome: StepOutcome, duration: float, usage: StepUsage | None
+    ) -> None:
         """A finished attempt: retry it if the policy says so, else record it."""
         record = self.steps[index]
         error = outcome.error
@@ -525,7 +552,14 @@ class StepLifecycle:
             record.started_at = None
             if self.emit is not None:
                 spec = record.spec
-                rerun = StepRerun(record.position, spec.task_id, record.attempts + 1, error.message)
+                rerun = StepRerun(
+                    record.position,
+                    spec.task_id,
+                    record.attempts + 1,
+                    error.message,
+                    error.kind,
+                    usage,
+                )
                 self._post(self.emit, rerun)
             delay = policy.delay_before(record.attempts - record.uncharged + 1)
             if delay > 0:
@@ -535,9 +569,11 @@ class StepLifecycle:
                 record.state = QUEUED
                 self._queue.append(index)
             return
-        self._record(index, outcome, duration)
+        self._record(index, outcome, duration, usage)
 
-    def _record(self, index: int, outcome: StepOutcome, duration: float) -> None:
+    def _record(
+        self, index: int, outcome: StepOutcome, duration: float, usage: StepUsage | None = None
+    ) -> None:
         """The step's final outcome: keep it, announce it, and forget the step."""
         record = self.steps.pop(index)
         if record.started_at is not None:
@@ -552,12 +588,20 @@ class StepLifecycle:
         self.remaining -= 1
         if self.emit is not None and record.attempts:
             spec = record.spec
-            self._post(
-                self.emit,
-                StepFinished(
-                    record.position, spec.task_id, record.attempts, outcome.success, duration
-                ),
+            failure = outcome.error
+            kind = None if outcome.success else "unsuccessful" if failure is None else failure.kind
+            reason = None if failure is None else failure.message
+            finished = StepFinished(
+                record.position,
+                spec.task_id,
+                record.attempts,
+                outcome.success,
+                duration,
+                kind,
+                reason,
+                usage,
             )
+            self._post(self.emit, finished)
         if self.on_outcome is not None:
             self._post(self.on_outcome, index, outcome)
 

@@ -181,6 +181,7 @@ class LocalBackend:
                     self.options.capture,
                     self.retire_above,
                     self.options.sandbox,
+                    steps.emit is not None,  # usage travels on events only: measure for them
                 )
             except (BrokenProcessPool, ShutdownExecutorError):
                 # The worker died while idle; the chunk never began.
@@ -344,7 +345,7 @@ class LocalBackend:
             self.mean_duration = duration
         else:
             self.mean_duration = 0.8 * self.mean_duration + 0.2 * duration
-        steps.finished(frame.step, frame.attempt, frame.outcome, duration)
+        steps.finished(frame.step, frame.attempt, frame.outcome, duration, frame.usage)
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:

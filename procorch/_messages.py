@@ -249,16 +249,30 @@ def lost(spec: AgentStepSpec, detail: str) -> str:
 # -- the Dask backend ---------------------------------------------------------------
 #
 # Dask reports a worker's death as KilledWorker on the tasks it held, with no
-# exit code or signal; procorch blames a step only on its own evidence (see
-# ``_dask``), and these sentences say what that evidence was.
+# exit code or signal (the nanny's, when procorch could ask: ``_dask_nanny``);
+# procorch blames a step only on its own evidence (see ``_dask``), and these
+# sentences say what that evidence was, in procorch's words: never Dask's task
+# keys or its count of workers.
 
 
-def dask_crash(spec: AgentStepSpec, address: str | None, exc: BaseException) -> str:
-    """The step was running when its Dask worker died, twice in a row."""
+def dask_crash(
+    spec: AgentStepSpec, pid: int | None, address: str | None, code: int | None, nanny: bool
+) -> str:
+    """The step was running when its Dask worker died, as when it ran before.
+
+    ``code`` is the worker's exit code as its nanny saw it (None: unknown).
+    """
+    text = crash(spec, pid, code, f" on the Dask worker at {address}")
+    if code is None:
+        why = (
+            "(the worker has no nanny to tell it)"
+            if not nanny
+            else "(its nanny did not tell it: procorch may not be importable there)"
+        )
+        text = f"{text[:-1]} {why}."
     return (
-        f"{_describe(spec)} crashed: its Dask worker ({address}) died while running it, as had "
-        "the worker of its run before (a fatal signal, os._exit(), or more memory than the "
-        f"worker's memory_limit); the scheduler gave up on it: {_exception(exc)}"
+        f"{text} Its previous run had been going when its worker died too, so procorch blames "
+        "the step, not the workers."
     )
 
 
@@ -272,16 +286,27 @@ def dask_rerun(address: str | None, by_dask: bool) -> str:
     )
 
 
-def dask_gave_up(exc: BaseException) -> str:
+def dask_gave_up() -> str:
     """The evidence when Dask gave up on a step that was not seen to start."""
-    return f"The Dask scheduler gave up on it each time: {_exception(exc)}"
+    return (
+        "Each time, the Dask worker it was waiting on died before it began, and the "
+        "scheduler gave up on it."
+    )
 
 
 def dask_restarting(address: str | None) -> str:
     """How a step running on a Dask worker is stopped (``StopFacts.stopped``), without waiting."""
     return (
-        f"procorch asked for its Dask worker ({address}) to be restarted "
-        "(a worker without a nanny cannot be, and the step may then still be running there)"
+        f"procorch asked the nanny of its Dask worker ({address}) to restart that worker, "
+        "the only way to stop a running Dask task"
+    )
+
+
+def dask_not_restarted(address: str | None) -> str:
+    """A step running on a Dask worker without a nanny: nothing can stop it."""
+    return (
+        f"its Dask worker ({address}) has no nanny to restart it, the only way to stop a "
+        "running Dask task, so the step may still be running there"
     )
 
 

@@ -113,13 +113,14 @@ class _Lane:
         capture: bool,
         retire_above: int | None,
         sandbox: Any = None,
+        measure: bool = True,
     ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
         with self._lock:
             pool = self._setup()
         shipped = None if token == self.executor_token else blob
         future: Future[None] = pool.submit(
-            _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox
+            _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox, measure
         )
         self.executor_token = token
         self._adopt_worker()  # the first submit started the worker process, if no starter did

@@ -23,6 +23,7 @@ import msgspec
 
 from ._messages import safe_text
 from ._model import StepOutcome
+from ._usage import StepUsage
 
 
 class Started(msgspec.Struct, tag="s", array_like=True):
@@ -46,12 +47,13 @@ class Progress(msgspec.Struct, tag="p", array_like=True):
 
 
 class Done(msgspec.Struct, tag="d", array_like=True):
-    """The step is over; ``duration`` is measured in the worker."""
+    """The step is over; ``duration`` and ``usage`` are measured in the worker."""
 
     step: int
     attempt: int
     outcome: StepOutcome
     duration: float
+    usage: StepUsage | None = None
 
 
 class Retire(msgspec.Struct, tag="r", array_like=True):

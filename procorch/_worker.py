@@ -56,6 +56,7 @@ from ._protocol import (
 )
 from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
+from ._usage import UsageMeter
 
 if TYPE_CHECKING:
     import asyncio
@@ -72,6 +73,7 @@ _running: tuple[int, int] | None = None  # (step, attempt) of the step run_steps
 _raised: BaseException | None = None  # what the current step raised, if anything
 _retired = False  # this worker grew too large and takes no more steps
 _loop: asyncio.AbstractEventLoop | None = None  # made on the first async step
+_meter: UsageMeter | None = None  # made on the first step: its /proc files are this process's
 _decode_spec = msgspec.msgpack.Decoder(AgentStepSpec).decode
 _decode_outcome = msgspec.msgpack.Decoder(StepOutcome).decode
 
@@ -392,10 +394,12 @@ def run_steps(
     capture: bool,
     retire_above: int | None,
     sandbox: Sandbox | None = None,
+    measure: bool = True,
 ) -> None:
     """Run a chunk of (step, attempt, spec bytes) in order, reporting each on the channel.
 
     With ``sandbox``, each step runs inside its limits (see ``_sandbox``).
+    With ``measure``, each step's ``Done`` carries its usage (see ``_usage``).
 
     With ``retire_above``, the worker checks its memory before each step and
     stops taking steps once it (with its children) holds more than that: it
@@ -418,7 +422,7 @@ def run_steps(
                 return
             if capture:
                 _capture(True)
-            _run_one(token, blob, step, attempt, spec_bytes, capture, sandbox, unsent)
+            _run_one(token, blob, step, attempt, spec_bytes, capture, sandbox, unsent, measure)
             blob = None  # unpickled with the first step; the rest reuse it
     finally:
         if unsent:
@@ -448,12 +452,17 @@ def _run_one(
     capture: bool,
     sandbox: Sandbox | None,
     unsent: list[bytes],
+    measure: bool = True,
 ) -> None:
-    global _raised, _running
+    global _raised, _running, _meter
     spec = _decode_spec(spec_bytes)
     sink = _ChannelSink(step, attempt)
     _running = (step, attempt)
     _raised = None
+    meter = None
+    if measure:
+        meter = _meter = _meter or UsageMeter()
+        meter.begin()
     if sandbox is None:
         outcome, duration = run_step(spec, token, blob, sink)
     else:
@@ -461,10 +470,12 @@ def _run_one(
     _raised = None
     assert _containment is not None
     _containment.clean_up()  # nothing the step started outlives it
+    # After the clean-up: the children it reaped count as the step's.
+    usage = None if meter is None else meter.end(duration)
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.append(framed(encode(Done(step, attempt, outcome, duration))))
+    unsent.append(framed(encode(Done(step, attempt, outcome, duration, usage))))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:

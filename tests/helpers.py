@@ -347,6 +347,69 @@ class GuardExecutor(AgentExecutor):
         return {int(p.name.split("-")[1]) for p in Path(self.state_dir).glob(f"{kind}-*")}
 
 
+def burn_cpu(seconds: float) -> None:
+    """Spin until this process has used ``seconds`` of CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+class UsageExecutor(AgentExecutor):
+    """Steps whose cost is known, and the faults a run report draws.
+
+    Agents: ok; burn (0.3 s of CPU, then 100 MiB held at once); child_burn (a
+    subprocess that burns 0.3 s of CPU and holds 60 MiB); thread_hog (a
+    thread that holds 150 MiB, then exits: the kernel keeps its mark); raise;
+    segfault; hang (sleeps until killed); flaky (raises on its first attempt,
+    counted in ``state_dir``, succeeds on the next).
+    """
+
+    def __init__(self, state_dir: str = "", hint: int = 2) -> None:
+        self.state_dir = state_dir
+        self.hint = hint
+
+    def concurrency_hint(self) -> int:
+        return self.hint
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        import threading
+
+        agent = spec.agent
+        if agent == "burn":
+            burn_cpu(0.3)
+            block = b"x" * (100 * 2**20)  # written, so resident
+            del block
+        elif agent == "child_burn":
+            code = (
+                "import time\nblock = b'x' * (60 * 2**20)\nend = time.process_time() + 0.3\n"
+                "while time.process_time() < end: pass\n"
+            )
+            subprocess.run([sys.executable, "-c", code], check=True)
+        elif agent == "thread_hog":
+
+            def hold() -> None:
+                block = b"x" * (150 * 2**20)
+                del block
+
+            thread = threading.Thread(target=hold)
+            thread.start()
+            thread.join()
+        elif agent == "raise":
+            raise ValueError(f"bad input in {spec.task_id}")
+        elif agent == "segfault":
+            ctypes.string_at(0)
+        elif agent == "hang":
+            time.sleep(3600)
+        elif agent == "flaky":
+            tries = Path(self.state_dir, f"try-{spec.task_id}")
+            if not tries.exists():
+                tries.touch()
+                raise ConnectionError("first attempt fails")
+        else:
+            time.sleep(0.01)
+        return ok_outcome(spec)
+
+
 class StructuredExecutor(AgentExecutor):
     """Returns as ``structured`` the JSON found in the spec's prompt ('' for none)."""
 

@@ -22,6 +22,7 @@ from helpers import (
     FaultyExecutor,
     GuardExecutor,
     SeedExecutor,
+    UsageExecutor,
     gone,
     peak_overlap,
     read_records,
@@ -221,7 +222,8 @@ def test_dask_crash_counts_one_attempt_and_one_crashed_event(backend: DaskBacken
     assert kinds.count("StepCrashed") == 1 and kinds.count("StepFinished") == 1
     assert kinds[-2:] == ["StepCrashed", "StepFinished"]
     assert isinstance(seen[-2], StepCrashed) and seen[-2].attempt == seen[-1].attempt
-    assert "its Dask worker (tcp://" in out[0].output
+    assert "on the Dask worker at tcp://" in out[0].output
+    assert error.signal == "SIGSEGV" and error.exit_code == -11, out[0].output
 
 
 def test_dask_retry_waits_its_backoff(tmp_path: Path, backend: DaskBackend) -> None:
@@ -502,7 +504,12 @@ def test_dask_concurrent_callers_each_get_their_own_executor(
 def _procorch_state(dask_scheduler: Any = None) -> dict[str, int]:
     """What procorch calls hold on the scheduler: queues, their users, topics, events, tasks."""
     queues = dask_scheduler.extensions["queues"]
-    topics = {name: t for name, t in dask_scheduler._broker._topics.items() if "procorch" in name}
+    # Not the one topic of the cluster where nannies publish worker deaths (bounded).
+    topics = {
+        name: t
+        for name, t in dask_scheduler._broker._topics.items()
+        if "procorch" in name and name != "procorch-worker-exits"
+    }
     return {
         "queues": sum("procorch" in name for name in queues.queues),
         "queue users": sum(n for name, n in queues.client_refcount.items() if "procorch" in name),
@@ -606,7 +613,7 @@ def test_dask_call_timeout_acts_while_a_worker_restarts(tmp_path: Path, cluster:
     assert elapsed < 3.0 + 2.5, elapsed  # 10.5 s when the restart was waited for
     assert out[0].error is not None and out[0].error.kind == "timeout"
     assert out[1].error is not None and out[1].error.kind == "timeout"
-    assert "procorch asked for its Dask worker (tcp://" in out[0].output
+    assert "procorch asked the nanny of its Dask worker (tcp://" in out[0].output
 
 
 # -- what DaskBackend takes --------------------------------------------------------------
@@ -633,3 +640,31 @@ def test_dask_backend_refuses_what_it_cannot_use(backend: DaskBackend) -> None:
         DaskBackend(42)
     with pytest.raises(ValueError, match="security is for a scheduler address or a cluster"):
         DaskBackend(backend.client, security=distributed.Security())
+
+
+def test_dask_step_usage_is_measured_on_a_one_thread_worker(backend: DaskBackend) -> None:
+    """A one-thread Dask worker measures a step's CPU like a lane; a crash leaves the wall time."""
+    seen: list[Event] = []
+    steps = [spec("burn", "burn"), spec("crash", "segfault")]
+    execute_steps_parallel(UsageExecutor(), steps, events=seen.append, backend=backend)
+    finished = {e.task_id: e for e in seen if isinstance(e, StepFinished)}
+    burn, crash = finished["burn"].usage, finished["crash"].usage
+    assert burn is not None and burn.cpu is not None
+    assert set(burn.missing) <= {"children_max_rss"}  # the worker may have reaped a child before
+    assert 0.25 <= burn.cpu <= 3.0, burn
+    assert burn.max_rss is not None and burn.max_rss >= 100 * 2**20
+    assert crash is not None and crash.cpu_user is None and "cpu_user" in crash.missing
+
+
+def test_dask_step_usage_on_a_threaded_worker_is_the_wall_time(threaded_client: object) -> None:
+    """Steps sharing a 4-thread worker's process: only their wall time is theirs."""
+    seen: list[Event] = []
+    execute_steps_parallel(
+        UsageExecutor(),
+        [spec("burn", "burn")],
+        events=seen.append,
+        backend=DaskBackend(threaded_client),
+    )
+    (finished,) = [e for e in seen if isinstance(e, StepFinished)]
+    assert finished.usage is not None and finished.usage.wall >= 0.25
+    assert finished.usage.cpu_user is None and "cpu_user" in finished.usage.missing

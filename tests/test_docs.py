@@ -146,3 +146,16 @@ def test_readme_plain_functions_example_runs(tmp_path: Path) -> None:
     lines = _run_readme_block(4, tmp_path)
     block = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)[4]
     assert lines == _promised_output(block)
+
+
+def test_readme_report_example_runs(tmp_path: Path) -> None:
+    """The run report example writes its page, which holds the batch's 13 attempts."""
+    block = _section_block("See a run")
+    (tmp_path / "example.py").write_text(block)
+    result = run_to_end(
+        [sys.executable, "example.py"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == _promised_output(block)
+    page = (tmp_path / "run.html").read_text()
+    assert page.count('"t1"') == 1 and '"boom"' in page and "crash" in page
