@@ -647,12 +647,165 @@ WORKLOADS: dict[str, Callable[[str, Peer | None, dict[str, Any]], dict[str, Any]
 }
 
 
+# -- cold start and lean workers ------------------------------------------------------
+#
+# These trials time what a short program pays: importing, a pool's first
+# call, a whole process from start to exit, and what each worker costs in
+# private memory. "import" and "coldstart" run fresh interpreters of their
+# own (``runs`` each, interleaved with a bare interpreter), "hint32" times a
+# pool's very first call in the trial's process, so none is warmed first.
+
+_IMPORTS = {
+    "procorch": "import procorch",
+    "ProcessPoolExecutor": "from concurrent.futures import ProcessPoolExecutor",
+    "pebble": "import pebble",
+    "loky": "import loky",
+    "joblib": "import joblib",
+}
+_PROCORCH_CORE = "from procorch import execute_steps_parallel"  # what a first call loads
+_COLD_SCRIPT = str(Path(__file__).resolve().parent / "_cold_start.py")
+
+
+def _top_level_imports(statement: str) -> dict[str, float]:
+    """Module -> cumulative microseconds, for each top-level import ``-X importtime`` shows."""
+    import subprocess
+    import sys
+
+    stderr = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    found: dict[str, float] = {}
+    for line in stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2]
+        if name.startswith(" ") and not name.startswith("  "):  # top level: one space
+            found[name.strip()] = float(parts[1])
+    return found
+
+
+def _import_ms(statement: str) -> float:
+    """Milliseconds ``statement`` spends importing, less what the interpreter imports anyway."""
+    baseline = _top_level_imports("pass")
+    found = _top_level_imports(statement)
+    return sum(us for name, us in found.items() if name not in baseline) / 1e3
+
+
+def import_time(pool: str, p: dict[str, Any]) -> dict[str, Any]:
+    """``runs`` fresh interpreters import the pool; the median of ``-X importtime``'s figure."""
+    import statistics
+
+    ms = statistics.median(_import_ms(_IMPORTS[pool]) for _ in range(p["runs"]))
+    result: dict[str, Any] = {"import_ms": ms}
+    if pool == "procorch":
+        core = statistics.median(_import_ms(_PROCORCH_CORE) for _ in range(p["runs"]))
+        result["core_ms"] = core
+    return result
+
+
+def cold_start(pool: str, p: dict[str, Any]) -> dict[str, Any]:
+    """Wall time of whole processes that import the pool, run 2 steps and exit (median of ``runs``).
+
+    Each run is paired with a bare interpreter's (start-up and exit only), so
+    the table can say what the interpreter itself costs on this machine now.
+    """
+    import statistics
+    import subprocess
+    import sys
+
+    walls: dict[str, list[float]] = {pool: [], "python": []}
+    for i in range(p["runs"]):
+        for which in (pool, "python") if i % 2 == 0 else ("python", pool):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, _COLD_SCRIPT, which], check=True)
+            walls[which].append(time.perf_counter() - start)
+    return {
+        "wall_ms": statistics.median(walls[pool]) * 1e3,
+        "python_ms": statistics.median(walls["python"]) * 1e3,
+    }
+
+
+def _uss_mib(pids: set[int]) -> list[float]:
+    sizes = []
+    for pid in pids:
+        try:
+            sizes.append(psutil.Process(pid).memory_full_info().uss / MIB)
+        except psutil.Error:
+            pass
+    return sizes
+
+
+def worker_uss(pool: str, peer: Peer | None, p: dict[str, Any]) -> dict[str, Any]:
+    """Private memory (USS) of each worker after a warm call of ``steps`` short steps."""
+    import statistics
+
+    steps, seconds = p["steps"], p["step_seconds"]
+    if peer is None:
+        _, outcomes = timed_procorch(work.SleepPidExecutor(seconds), _specs(steps))
+        pids = {int(o.output) for o in outcomes if o.success}
+    else:
+        _, results = _timed_peer(peer, work.sleep_pid, [(seconds,)] * steps)
+        pids = {value for ok, value in results if ok}
+    sizes = _uss_mib(pids)
+    if not sizes:
+        raise PoolBroken("no worker to measure")
+    return {"uss_mib": statistics.median(sizes), "max_mib": max(sizes), "workers": len(sizes)}
+
+
+def hint32(pool: str, p: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` sleeps on ``workers`` workers: the pool's first call (cold), then a second."""
+    steps, workers, seconds = p["steps"], p["workers"], p["step_seconds"]
+    ideal = -(-steps // workers) * seconds
+    if pool == "procorch":
+        executor = work.SleepPidExecutor(seconds, workers)
+        cold, first = timed_procorch(executor, _specs(steps))
+        warm, second = timed_procorch(executor, _specs(steps))
+        lanes = len({o.output for o in first if o.success})
+        ok = _succeeded(first) + _succeeded(second)
+        _procorch().shutdown()
+    else:
+        peer = PEERS[pool]()
+        start = time.perf_counter()
+        peer.start(workers)
+        results = peer.map_outcomes(work.sleep_pid, [(seconds,)] * steps)
+        cold = time.perf_counter() - start
+        warm, again = _timed_peer(peer, work.sleep_pid, [(seconds,)] * steps)
+        lanes = len({value for ok_, value in results if ok_})
+        ok = _succeeded(results) + _succeeded(again)
+        peer.close()
+    return {
+        "cold_s": cold,
+        "warm_s": warm,
+        "ideal_s": ideal,
+        "workers_used": lanes,
+        "succeeded": ok,
+        "steps": 2 * steps,
+    }
+
+
+COLD_WORKLOADS: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
+    "import": import_time,
+    "coldstart": cold_start,
+    "hint32": hint32,
+}
+WORKLOADS["uss"] = worker_uss
+
+
 def _workers_for(workload: str) -> int:
     return 1 if workload == "recovery" else 2
 
 
 def run_trial(workload: str, pool: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one trial in this process and return its result (figures or a status)."""
+    if workload in COLD_WORKLOADS:  # times start-up itself: nothing is warmed first
+        try:
+            return {"status": "ok", **COLD_WORKLOADS[workload](pool, params)}
+        except PoolBroken as exc:
+            return {"status": "broken", "detail": str(exc)}
     workers = _workers_for(workload)
     peer = None if pool == "procorch" else PEERS[pool]()
     try:

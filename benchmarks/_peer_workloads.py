@@ -211,3 +211,23 @@ class PromptExecutor(_Sized):
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
         return _ok(spec, str(prompt_length(spec.prompt)))
+
+
+# -- cold start and lean workers (import, whole process, worker USS, hint 32) ----------
+
+
+def sleep_pid(seconds: float) -> int:
+    """Sleep ``seconds``, then say which process ran the step."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+class SleepPidExecutor(_Sized):
+    """Runs ``sleep_pid(seconds)``; the output is the worker's pid."""
+
+    def __init__(self, seconds: float, workers: int = 2) -> None:
+        super().__init__(workers)
+        self.seconds = seconds
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        return _ok(spec, str(sleep_pid(self.seconds)))

@@ -29,6 +29,18 @@ Every pool gets 2 workers on this machine and the same step functions
 6. memory: the growth of the calling process's resident memory (RSS) over
    many no-op steps, with the results still held.
 
+Cold start and lean workers (procorch, loky, ProcessPoolExecutor, pebble, joblib):
+
+7. import: the milliseconds ``python -X importtime`` reports for importing
+   the pool (less what a bare interpreter imports), in fresh interpreters.
+8. coldstart: the wall time of a whole process that imports the pool, runs
+   2 no-op steps on 2 workers and exits (``_cold_start.py``), beside a bare
+   interpreter's start and exit.
+9. uss: each worker's private memory (USS, psutil) after a warm call.
+10. hint32: 400 x 50 ms sleeps on 32 workers: the pool's first call (cold:
+    for the peers, from creating the pool) and a second one (warm), against
+    the ideal 13 rounds of 50 ms.
+
 Each trial (one workload, one pool, one repetition) runs in a fresh process
 and session of its own: a pool that hangs is killed after a timeout, with
 every process it started, and reported as hanging, and no trial inherits
@@ -78,6 +90,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 POOLS = ("procorch", "loky", "ProcessPoolExecutor", "pebble", "multiprocessing.Pool", "joblib")
+COLD_POOLS = ("procorch", "loky", "ProcessPoolExecutor", "pebble", "joblib")
 RESULT_PREFIX = "RESULT "
 STEP_SECONDS = 0.010  # target length of one cpu step
 REPS = 5  # repetitions of a full run
@@ -140,6 +153,35 @@ SIZES = {
         {"steps": 10_000},
         (120, 60),
         slow=True,
+    ),
+    # Cold start and lean workers (issue 16): what a short program pays.
+    "import": Sizes(
+        "Import: `import POOL` in a fresh interpreter, -X importtime ({runs} runs a trial)",
+        {"runs": 5},
+        {"runs": 2},
+        (60, 60),
+        pools=COLD_POOLS,
+    ),
+    "coldstart": Sizes(
+        "Whole process: import, 2 steps on 2 workers, exit ({runs} runs a trial)",
+        {"runs": 5},
+        {"runs": 2},
+        (120, 60),
+        pools=COLD_POOLS,
+    ),
+    "uss": Sizes(
+        "Worker private memory (USS) after a warm call of {steps} short steps",
+        {"steps": 40, "step_seconds": 0.005},
+        {"steps": 20, "step_seconds": 0.005},
+        (60, 60),
+        pools=COLD_POOLS,
+    ),
+    "hint32": Sizes(
+        "Hint {workers}: {steps} x 50 ms sleeps, the pool's first call and its second",
+        {"steps": 400, "workers": 32, "step_seconds": 0.05},
+        {"steps": 200, "workers": 32, "step_seconds": 0.05},
+        (120, 60),
+        pools=("procorch", "loky", "ProcessPoolExecutor", "pebble"),
     ),
 }
 
@@ -527,6 +569,48 @@ def payload_row(pool: str, runs: list[dict[str, Any]]) -> Row:
 _PAYLOAD_COLUMNS = ["MB/s", "wall s", "caller peak RSS MiB", "peak above start MiB"]
 
 
+# -- cold start and lean workers: rows -----------------------------------------------
+
+
+def import_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    ms = _med(runs, "import_ms")
+    status = ""
+    if pool == "procorch":
+        status = (
+            f"a first call also loads the pool: `{_PROCORCH_CORE}` {_med(runs, 'core_ms'):.0f} ms"
+        )
+    return Row(pool, ms, [f"{ms:.0f}"], status)
+
+
+def coldstart_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    wall = _med(runs, "wall_ms")
+    python = _med(runs, "python_ms")
+    return Row(pool, wall, [f"{wall:.0f}", f"{python:.0f}"])
+
+
+def uss_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    uss = _med(runs, "uss_mib")
+    cells = [f"{uss:.1f}", f"{max(run['max_mib'] for run in runs):.1f}", _span(runs, "workers")]
+    return Row(pool, uss, cells)
+
+
+def hint32_row(pool: str, runs: list[dict[str, Any]]) -> Row:
+    cold, warm, ideal = _med(runs, "cold_s"), _med(runs, "warm_s"), runs[0]["ideal_s"]
+    cells = [
+        f"{cold:.2f}",
+        f"{cold / ideal:.2f}x",
+        f"{warm:.2f}",
+        f"{warm / ideal:.2f}x",
+        _span(runs, "workers_used"),
+    ]
+    failed = [r for r in runs if r["succeeded"] != r["steps"]]
+    status = f"{len(failed)} runs had failed steps" if failed else ""
+    return Row(pool, cold, cells, status)
+
+
+_PROCORCH_CORE = "from procorch import execute_steps_parallel"
+
+
 @dataclass(frozen=True)
 class Table:
     """How one workload is summarised."""
@@ -571,6 +655,26 @@ TABLES = {
         False,
         "RSS growth (MiB)",
         words=("less memory", "more memory"),
+    ),
+    "import": Table(import_row, ["import ms"], False, "ms", words=("faster", "slower")),
+    "coldstart": Table(
+        coldstart_row,
+        ["wall ms", "bare interpreter ms"],
+        False,
+        "ms for the whole process",
+    ),
+    "uss": Table(
+        uss_row,
+        ["USS MiB (median)", "max MiB", "workers"],
+        False,
+        "MiB private per worker",
+        words=("less memory", "more memory"),
+    ),
+    "hint32": Table(
+        hint32_row,
+        ["cold s", "cold vs ideal", "warm s", "warm vs ideal", "workers used"],
+        False,
+        "seconds for the first call",
     ),
 }
 
@@ -751,6 +855,49 @@ def memory_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
     ]
 
 
+# -- cold start and lean workers: targets (issue 16) ---------------------------------
+
+
+def import_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    ms = _value(rows, "import", "procorch")
+    return [("import procorch < 60 ms", _fmt(ms, ".0f", " ms"), None if ms is None else ms < 60)]
+
+
+def coldstart_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine, pebble = _value(rows, "coldstart", "procorch"), _value(rows, "coldstart", "pebble")
+    return [
+        (
+            "whole process <= pebble's",
+            f"{_fmt(mine, '.0f', ' ms')} vs {_fmt(pebble, '.0f', ' ms')}",
+            _at_most(mine, pebble),
+        )
+    ]
+
+
+def uss_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine, ppe = _value(rows, "uss", "procorch"), _value(rows, "uss", "ProcessPoolExecutor")
+    bound = None if ppe is None else 2 * ppe + 2
+    return [
+        (
+            "worker USS <= 2x ProcessPoolExecutor's + 2 MiB",
+            f"{_fmt(mine, '.1f', ' MiB')} vs bound {_fmt(bound, '.1f', ' MiB')}",
+            _at_most(mine, bound),
+        )
+    ]
+
+
+def hint32_targets(plan: Plan, rows: dict[str, list[Row]]) -> list[Target]:
+    mine = _value(rows, "hint32", "procorch")
+    ppe = _value(rows, "hint32", "ProcessPoolExecutor")
+    return [
+        (
+            "cold <= 1.2x ProcessPoolExecutor's cold",
+            f"{_fmt(mine, '.2f', ' s')} vs {_fmt(ppe, '.2f', ' s')}",
+            _at_most(mine, _scaled(ppe, 1.2)),
+        )
+    ]
+
+
 TARGETS = {
     "dispatch": dispatch_targets,
     "cpu": cpu_targets,
@@ -758,6 +905,10 @@ TARGETS = {
     "recovery": recovery_targets,
     "events": events_targets,
     "memory": memory_targets,
+    "import": import_targets,
+    "coldstart": coldstart_targets,
+    "uss": uss_targets,
+    "hint32": hint32_targets,
 }
 
 
@@ -1020,6 +1171,20 @@ def trial_main(workload: str, pool: str, params: str) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def _compile_procorch() -> None:
+    """Write procorch's bytecode, as installing it does, so imports are timed as users see them.
+
+    A checkout run with PYTHONDONTWRITEBYTECODE (this machine sets it) would
+    otherwise compile every procorch module in every trial; the peers come
+    from site-packages, compiled when pip installed them.
+    """
+    import compileall
+
+    import procorch
+
+    compileall.compile_dir(os.path.dirname(procorch.__file__), quiet=1)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
@@ -1045,6 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from _peer_workloads import calibrate_loops
 
+    _compile_procorch()
     started = time.perf_counter()
     only = [key for key in args.only.split(",") if key]
     plan = make_plan(args.quick, args.reps, only, calibrate_loops(STEP_SECONDS))

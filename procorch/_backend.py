@@ -78,7 +78,9 @@ class StepBackend(Protocol):
 class BackendFactory(Protocol):
     """What ``backend=`` takes: an object that makes one :class:`StepBackend` per call."""
 
-    supported_guards: frozenset[str]
     name: str  # for messages: "the Dask backend"
+
+    @property
+    def supported_guards(self) -> frozenset[str]: ...
 
     def step_backend(self, blob: bytes, token: str, options: Any) -> StepBackend: ...

@@ -7,6 +7,7 @@ executor, events target and guards; this module turns them into a ready
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypedDict, cast
@@ -20,7 +21,6 @@ from ._events import Event
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, Executor
 from ._guards import CancelToken, RetryPolicy
 from ._lifecycle import StepLifecycle
-from ._local import LOCAL_GUARDS, LocalBackend
 from ._model import AgentStepSpec, StepOutcome
 from ._options import CallOptions
 from ._sandbox import Sandbox, check_sandbox
@@ -52,13 +52,35 @@ class Guards(TypedDict, total=False):
 
 
 class _LocalLanes:
-    """The default backend: warm worker processes of this machine (``_local``)."""
+    """The default backend: warm worker processes of this machine (``_local``).
 
-    supported_guards = LOCAL_GUARDS
+    The pool (``_local``, loky and the worker's modules) is imported by the
+    first call that uses it, not with procorch. That call first has procorch's
+    fork server start on its own, so the server's start-up (an interpreter
+    and its preloads) overlaps the import here instead of following it.
+    """
+
     name = "the local worker processes"
 
+    @property
+    def supported_guards(self) -> frozenset[str]:
+        guards: frozenset[str] = _local().LOCAL_GUARDS
+        return guards
+
     def step_backend(self, blob: bytes, token: str, options: CallOptions) -> StepBackend:
-        return LocalBackend(blob, token, options)
+        backend: StepBackend = _local().LocalBackend(blob, token, options)
+        return backend
+
+
+def _local() -> Any:
+    """The local backend's module, imported on first use (see ``_LocalLanes``)."""
+    module = sys.modules.get("procorch._local")
+    if module is None:
+        from ._context import start_server
+
+        start_server()
+        from . import _local as module
+    return module
 
 
 _LOCAL = _LocalLanes()

@@ -24,7 +24,6 @@ Data flow of ``procorch run EXECUTOR SPECS``::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import importlib
 import os
@@ -667,6 +666,8 @@ def _stop_workers() -> None:
 
 
 async def _identify(address: str, security: Any) -> None:
+    import asyncio
+
     from distributed.core import rpc
 
     connection_args = security.get_connection_args("client") if security is not None else {}
@@ -709,6 +710,8 @@ def _dask_client(address: str, security: Any = None) -> Any:
         import distributed
     except ImportError:
         raise _BadInput("--dask needs the dask extra: pip install 'procorch[dask]'") from None
+    import asyncio  # only to probe a Dask scheduler: a plain run never needs it
+
     try:
         asyncio.run(_identify(address, security))
     except (TimeoutError, OSError, ValueError, TypeError) as exc:

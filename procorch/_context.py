@@ -24,27 +24,38 @@ import sys
 import threading
 from typing import Any
 
-from loky.backend import get_context
-
 _HAVE_FORKSERVER = sys.platform != "win32"
 if _HAVE_FORKSERVER:
     import fcntl
 
     from . import _forkserver
 
-# What the server imports once, for every worker to inherit.
-_PRELOAD = ["loky.process_executor", "procorch._worker", "jsonschema", "asyncio", "sqlite3"]
+# What the server imports before its first fork, for every worker to inherit:
+# what every worker runs. Only some steps need asyncio (async executors) and
+# jsonschema (structured output): the server imports them once it is idle,
+# so the first workers start without waiting for them (a worker forked
+# before imports them itself when a step needs them).
+_PRELOAD = ["loky.process_executor", "procorch._worker"]
+_PRELOAD_LATER = ["asyncio", "jsonschema"]
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 if _HAVE_FORKSERVER:
-    _server = _forkserver.ForkServer(_PRELOAD, PACKAGE_DIR)
+    _server = _forkserver.ForkServer(_PRELOAD, PACKAGE_DIR, _PRELOAD_LATER)
 
 
 def worker_context() -> Any:
     """The multiprocessing context lanes start their workers with."""
     if not _HAVE_FORKSERVER:  # pragma: no cover
+        from loky.backend import get_context
+
         return get_context("loky")
     return _forkserver.Context(_server)
+
+
+def start_server() -> None:
+    """Have the fork server start now, without waiting for it: the first worker will need it."""
+    if _HAVE_FORKSERVER:
+        _server.start_soon()
 
 
 def stop_server() -> None:

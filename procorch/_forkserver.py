@@ -41,6 +41,7 @@ Data flow for one worker::
 
 from __future__ import annotations
 
+import gc
 import importlib
 import io
 import itertools
@@ -79,6 +80,10 @@ _START_TRIES = 3
 # frozen (SIGSTOP, say), killed and replaced. Forking takes milliseconds.
 _START_TIMEOUT = 30.0
 _MAX_FDS = 256  # file descriptors one request may carry
+# How long the server waits without a request before it imports the next
+# module of its ``later`` list: long enough that a burst of worker starts
+# (the first call's lanes) never waits behind an import.
+_IDLE_BEFORE_IMPORT = 0.25
 
 # Bootstrap of the server process. The caller's procorch is loaded from its
 # own directory, whatever sys.path says (``python -c`` puts the current
@@ -93,7 +98,7 @@ spec = importlib.util.spec_from_file_location(
 sys.modules["procorch"] = module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 from procorch._forkserver import _serve
-_serve({listener}, {alive}, {preload!r})
+_serve({listener}, {alive}, {preload!r}, {later!r}, {tracker})
 """
 
 
@@ -111,6 +116,33 @@ def _read_record(fd: int) -> tuple[int, int]:
         data += chunk
     kind, value = _RECORD.unpack(data)
     return int(kind), int(value)
+
+
+def _tracker_wanted() -> bool:
+    """Whether the server should fork this process its resource tracker.
+
+    multiprocessing starts the tracker (which unlinks the named semaphores
+    of a process that died without doing so; every lane's loky executor
+    makes some) as an interpreter of its own: one more start-up, about 15
+    ms of a short program's wall time on 2 cores. The server, a process of
+    procorch's own that starts anyway, forks it instead: the same
+    ``resource_tracker.main``, reading a pipe whose write end becomes this
+    process's tracker fd. Only where the tracker's state is the one known
+    (Python 3.11) and no tracker runs yet (a program's own multiprocessing
+    may have started one: it is kept).
+    """
+    tracker: Any = resource_tracker._resource_tracker
+    return sys.version_info < (3, 12) and getattr(tracker, "_fd", 0) is None
+
+
+def _adopt_tracker(write_end: int) -> None:
+    """Make ``write_end`` this process's resource tracker fd, unless one appeared meanwhile."""
+    tracker: Any = resource_tracker._resource_tracker
+    with tracker._lock:
+        if tracker._fd is None:
+            tracker._fd = write_end
+            return
+    _close(write_end)  # the forked tracker reads end of file and exits
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
@@ -143,8 +175,9 @@ class ForkServer:
     starts a server of its own if it needs one.
     """
 
-    def __init__(self, preload: Sequence[str], package_dir: str) -> None:
+    def __init__(self, preload: Sequence[str], package_dir: str, later: Sequence[str] = ()) -> None:
         self._preload = list(preload)
+        self._later = list(later)
         self._package_dir = package_dir
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -167,10 +200,10 @@ class ForkServer:
         """
         if len(fds) + 3 > _MAX_FDS:
             raise ValueError(f"a worker can inherit at most {_MAX_FDS - 3} fds (got {len(fds)})")
-        tracker_fd = resource_tracker.getfd()
         failure: BaseException | None = None
         for _ in range(_START_TRIES):
             process, address = self._ensure_running()
+            tracker_fd = resource_tracker.getfd()
             status_r, status_w = os.pipe()
             data_r, data_w = os.pipe()
             try:
@@ -203,6 +236,19 @@ class ForkServer:
             f"tries; the last failure: {failure!r}"
         ) from failure
 
+    def start_soon(self) -> None:
+        """Start the server (and the resource tracker its workers share) without waiting for it.
+
+        Both boot in processes of their own while the caller goes on; the
+        first ``start_child`` then finds them ready, or nearly. A server that
+        fails to start is the first ``start_child``'s to report.
+        """
+        try:
+            self._ensure_running()
+            resource_tracker.getfd()
+        except OSError:
+            pass
+
     def stop(self) -> None:
         """Stop the server if it runs. Its workers go on; the next worker starts a new one."""
         with self._lock:
@@ -232,6 +278,9 @@ class ForkServer:
             os.chmod(address, 0o600)
             listener.listen()
             alive_r, alive_w = os.pipe()
+            tracker_r = tracker_w = -1
+            if _tracker_wanted():
+                tracker_r, tracker_w = os.pipe()
             try:
                 command = _BOOTSTRAP.format(
                     sys_path=sys.path,
@@ -240,19 +289,27 @@ class ForkServer:
                     listener=listener.fileno(),
                     alive=alive_r,
                     preload=self._preload,
+                    later=self._later,
+                    tracker=tracker_r,
                 )
                 executable = _spawn.get_executable()
                 self._process = subprocess.Popen(
                     [executable, *_util._args_from_interpreter_flags(), "-c", command],
                     executable=executable,
                     stdin=subprocess.DEVNULL,
-                    pass_fds=(listener.fileno(), alive_r),
+                    pass_fds=tuple(fd for fd in (listener.fileno(), alive_r, tracker_r) if fd >= 0),
                 )
             except BaseException:
                 _close(alive_w)
+                if tracker_w >= 0:
+                    _close(tracker_w)
                 raise
             finally:
                 _close(alive_r)
+                if tracker_r >= 0:
+                    _close(tracker_r)
+            if tracker_w >= 0:
+                _adopt_tracker(tracker_w)
         self._address = address
         self._alive_w = alive_w
 
@@ -428,13 +485,42 @@ class Context(_mp_context.ForkServerContext):  # type: ignore[misc]
 # -- the server's side ----------------------------------------------------------
 
 
-def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
-    """The server process: import ``preload``, then fork on request until the caller goes."""
-    for name in preload:
+def _fork_tracker(tracker_fd: int, keep_from_it: Sequence[int]) -> None:
+    """Fork the caller's resource tracker, reading ``tracker_fd`` (see ``_tracker_wanted``)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
         try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # the worker imports it again, and reports the error where it matters
+            _close(*keep_from_it)
+            resource_tracker.main(tracker_fd)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    _close(tracker_fd)
+
+
+def _serve(
+    listener_fd: int,
+    alive_r: int,
+    preload: list[str],
+    later: Sequence[str] = (),
+    tracker_fd: int = -1,
+) -> None:
+    """The server process: import ``preload``, then fork on request until the caller goes.
+
+    The modules of ``later`` are imported one at a time whenever no request
+    came for a moment, so the first workers do not wait for what only some
+    steps need (asyncio, jsonschema), and the workers forked afterwards
+    inherit it. Everything the server holds is frozen (``gc.freeze``) before
+    each fork: a worker's garbage collector then never visits the inherited
+    objects, so their pages stay shared with the server instead of being
+    copied into every worker.
+    """
+    if tracker_fd >= 0:
+        _fork_tracker(tracker_fd, [listener_fd, alive_r])
+    _preload(preload)
+    pending = list(later)
     caller = os.getppid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -456,7 +542,11 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
         selector.register(alive_r, selectors.EVENT_READ)
         selector.register(wake_r, selectors.EVENT_READ)
         while True:
-            ready = {key.fileobj for key, _ in selector.select()}
+            timeout = _IDLE_BEFORE_IMPORT if pending else None
+            ready = {key.fileobj for key, _ in selector.select(timeout)}
+            if not ready and pending:
+                _preload([pending.pop(0)])
+                continue
             if alive_r in ready:  # the caller stopped us, or is gone
                 # What the caller's steps started and left in their lanes'
                 # cgroups (daemons, if the caller was SIGKILLed) goes with it.
@@ -472,6 +562,7 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
                 if request is None:
                     continue
                 status_w, data_r, tracker_fd, *inherited = request
+                gc.freeze()  # what the server allocated since the last fork, too
                 pid = os.fork()
                 if pid == 0:
                     code = 1
@@ -489,6 +580,20 @@ def _serve(listener_fd: int, alive_r: int, preload: list[str]) -> None:
                         os._exit(code)
                 children[pid] = status_w
                 _close(data_r, tracker_fd, *inherited)
+
+
+def _preload(names: Sequence[str]) -> None:
+    """Import ``names`` without a collection midway, then freeze everything (see ``_serve``)."""
+    gc.disable()
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass  # the worker imports it again, and reports the error where it matters
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _ignore(signum: int, frame: Any) -> None:

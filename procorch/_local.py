@@ -199,7 +199,7 @@ class LocalBackend:
 
     def open(self, steps: StepLifecycle, slots: int) -> None:
         self.steps = steps
-        self.works = [_LaneWork(lane) for lane in _engine.acquire(slots)]
+        self.works = [_LaneWork(lane) for lane in _engine.acquire(slots, steps.wake)]
 
     def start_ready(self) -> None:
         steps = self._steps()
@@ -218,6 +218,8 @@ class LocalBackend:
                 return
             if work.retiring or work.lane.frames.eof:
                 continue
+            if work.lane.starting:
+                continue  # its worker is on its way: the starter wakes us when it is ready
             if work.chunks:
                 if len(work.chunks) >= _PIPELINE_DEPTH or work.running is None:
                     continue  # full, or it has not begun what it holds: nothing behind it
@@ -271,6 +273,9 @@ class LocalBackend:
                 for work in self.works
                 if work.idle_since is not None
             )
+        if any(work.lane.starting for work in self.works):
+            # Each lane's starter wakes the call when it is done; this only backs it up.
+            wake_at.append(time.monotonic() + 0.5)
         return min(wake_at) if wake_at else None
 
     def poll(self) -> None:
@@ -516,7 +521,10 @@ class LocalBackend:
 
     def _announce_bound(self) -> float:
         """How long a lane may hold steps without starting one (see _ANNOUNCE_SECONDS)."""
-        peer_idle = any(not work.busy and not work.lane.frames.eof for work in self.works)
+        peer_idle = any(
+            not work.busy and not work.lane.frames.eof and not work.lane.starting
+            for work in self.works
+        )
         return _ANNOUNCE_SECONDS_PEER_IDLE if peer_idle else _ANNOUNCE_SECONDS
 
     def _check_announcements(self) -> None:

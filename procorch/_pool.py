@@ -22,6 +22,7 @@ next call forks a fresh one.
 from __future__ import annotations
 
 import atexit
+import collections
 import glob
 import itertools
 import math
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
@@ -62,35 +64,59 @@ class _Lane:
     """One worker process, its channel, and the executor token it holds."""
 
     def __init__(self, capture_path: str) -> None:
-        context = worker_context()
-        self.channel, channel_writer = context.Pipe(duplex=False)
+        self._context = worker_context()
+        self.channel, channel_writer = self._context.Pipe(duplex=False)
         self.frames = FrameReader(self.channel.fileno())
-        self._crash_reader, crash_writer = context.Pipe(duplex=False)
+        self._crash_reader, crash_writer = self._context.Pipe(duplex=False)
         # The one pipe the other way: which step a soft time limit is for.
-        control_reader, self._control = context.Pipe(duplex=False)
+        control_reader, self._control = self._context.Pipe(duplex=False)
         # The parent drops its copies of the worker's ends once the worker
         # holds its own, so the worker's death reads as end-of-file.
         self._writers: tuple[Connection, ...] = (channel_writer, crash_writer, control_reader)
         self.capture_path = capture_path
-        name = os.path.splitext(os.path.basename(capture_path))[0]
-        self.cgroup = LaneCgroup.create(name)  # None where procorch may not make one
-        self._pool = loky.ProcessPoolExecutor(
-            max_workers=1,
-            context=context,
-            initializer=_worker._init,
-            initargs=(
-                channel_writer,
-                crash_writer,
-                capture_path,
-                PACKAGE_DIR,
-                None if self.cgroup is None else self.cgroup.path,
-                control_reader,
-            ),
-            timeout=None,
-        )
+        # The lane's cgroup and its executor are made by _setup, in a starter
+        # thread (``_start_workers``) or at the first submit.
+        self.cgroup: LaneCgroup | None = None  # None where procorch may not make one
+        self._cgroup_tried = False
+        self._pool: Any = None
         self._process: Any = None
         self.executor_token: str | None = None
         self.retire_at: float | None = None  # while idle in the engine: when it is retired
+        self._lock = threading.Lock()  # _setup and _adopt_worker, from any thread
+        self._starting: threading.Event | None = None  # set once a starter thread is done
+        self._stopping: threading.Thread | None = None  # loky's manager, once stop_soon asked
+        # Called by the starter once done: the wake-up of the call that holds
+        # the lane now (an idle lane may still be starting when a call takes it).
+        self.on_started: Callable[[], object] | None = None
+
+    def _setup(self) -> Any:
+        """The lane's cgroup and its single-worker loky executor, made once; call under the lock."""
+        if self._pool is None:
+            if not self._cgroup_tried:
+                self._cgroup_tried = True
+                name = os.path.splitext(os.path.basename(self.capture_path))[0]
+                self.cgroup = LaneCgroup.create(name)
+            channel_writer, crash_writer, control_reader = self._writers
+            self._pool = loky.ProcessPoolExecutor(
+                max_workers=1,
+                context=self._context,
+                initializer=_worker._init,
+                initargs=(
+                    channel_writer,
+                    crash_writer,
+                    self.capture_path,
+                    PACKAGE_DIR,
+                    None if self.cgroup is None else self.cgroup.path,
+                    control_reader,
+                ),
+                timeout=None,
+            )
+        return self._pool
+
+    @property
+    def starting(self) -> bool:
+        """A starter thread still sets this lane up: send it work once it is done."""
+        return self._starting is not None and not self._starting.is_set()
 
     @property
     def pid(self) -> int | None:
@@ -107,17 +133,45 @@ class _Lane:
         measure: bool = True,
     ) -> Future[None]:
         """Start a chunk of steps; raises loky's BrokenProcessPool if the worker is gone."""
+        with self._lock:
+            pool = self._setup()
         shipped = None if token == self.executor_token else blob
-        future: Future[None] = self._pool.submit(
+        future: Future[None] = pool.submit(
             _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox, measure
         )
         self.executor_token = token
-        if self._writers:  # the first submit started the worker process
-            self._process = next(iter(self._pool._processes.values()))
-            for writer in self._writers:
-                writer.close()
-            self._writers = ()
+        self._adopt_worker()  # the first submit started the worker process, if no starter did
         return future
+
+    def start_worker(self) -> None:
+        """Start the lane's worker process now, rather than on the first submit.
+
+        Runs in a starter thread (``_start_workers``) while the call already
+        submits to the lanes started before; a submit to this lane meanwhile
+        waits for it on loky's own lock. A worker that cannot start is left
+        to the first submit, which tries again and reports what it meets.
+        """
+        try:
+            with self._lock:
+                pool = self._setup()
+            pool._ensure_executor_running()
+        except Exception:
+            return
+        self._adopt_worker()
+
+    def _adopt_worker(self) -> None:
+        """Once the worker runs: keep its process, and drop our copies of its pipes' ends."""
+        with self._lock:
+            if self._writers and self._pool is not None and self._pool._processes:
+                self._process = next(iter(self._pool._processes.values()))
+                for writer in self._writers:
+                    writer.close()
+                self._writers = ()
+
+    def _wait_started(self) -> None:
+        """Wait for a starter thread that works on this lane, if any."""
+        if self._starting is not None:
+            self._starting.wait()
 
     def interrupt(self, step: int, attempt: int) -> None:
         """Raise ``StepTimeout`` in the worker's step, if it is still running that step.
@@ -139,6 +193,7 @@ class _Lane:
         Unknown when the fork server died before the worker: only the server
         could read the worker's exit status, and it took it along.
         """
+        self._wait_started()
         if self._process is None:
             return None
         # Let loky's manager thread finish with the broken executor (shutdown
@@ -183,15 +238,33 @@ class _Lane:
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def stop_soon(self) -> None:
+        """Ask an idle lane's worker to exit, without waiting; ``close`` then waits.
+
+        Stopping many lanes this way first lets their workers exit side by
+        side rather than one after another.
+        """
+        self._wait_started()
+        if self._pool is not None:
+            self._stopping = self._pool._executor_manager_thread
+            self._pool.shutdown(wait=False)
+
     def close(self, *, kill: bool) -> None:
         """Stop the worker (at once when ``kill``) and release everything the lane holds."""
+        self._wait_started()
         if kill:
             self._kill_group()
             if self._process is not None:
                 # Let loky see the death before shutting down, or the lane's
                 # executor can be left holding a semaphore until exit.
                 self._process.join(timeout=1.0)
-        self._pool.shutdown(wait=True, kill_workers=kill)
+        if self._pool is not None:
+            manager = self._pool._executor_manager_thread
+            self._pool.shutdown(wait=True, kill_workers=kill)
+            if manager is None:
+                manager = self._stopping  # asked to stop earlier (stop_soon): its manager
+            if manager is not None:
+                manager.join()
         self._kill_group()  # whatever a step left running
         if self.cgroup is not None:
             self.cgroup.remove()  # and whatever left the process group or the session
@@ -228,19 +301,35 @@ class _Engine:
         """A fresh random id for one call's executor, so each worker unpickles it once."""
         return uuid.uuid4().hex
 
-    def new_lane(self) -> _Lane:
+    def new_lane(self, *, set_up: bool = True) -> _Lane:
+        """A new lane, its executor made at once unless a starter thread will (``acquire``)."""
         with self._lock:
             if self._scratch is None:
                 _sweep_stale_scratch()
                 self._scratch = tempfile.mkdtemp(prefix=f"procorch-{os.getpid()}-")
             path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
-        return _Lane(path)
+        lane = _Lane(path)
+        if set_up:
+            with lane._lock:
+                lane._setup()
+        return lane
 
-    def acquire(self, count: int) -> list[_Lane]:
+    def acquire(self, count: int, on_started: Callable[[], object] | None = None) -> list[_Lane]:
+        """``count`` lanes: idle ones first, then new ones, started in the background.
+
+        A new lane is ``starting`` until its worker runs (or failed to
+        start: the first submit then says why); ``on_started`` is called,
+        from a starter thread, each time one is done.
+        """
         with self._lock:
             lanes = self._idle[-count:] if count else []
             del self._idle[len(self._idle) - len(lanes) :]
-        return lanes + [self.new_lane() for _ in range(count - len(lanes))]
+        new = [self.new_lane(set_up=False) for _ in range(count - len(lanes))]
+        for lane in lanes + new:
+            lane.on_started = on_started
+        if new:
+            _start_workers(new)
+        return lanes + new
 
     def release(self, lanes: list[_Lane], idle_timeout: float | None = None) -> None:
         """Take lanes back, to be retired after ``idle_timeout`` idle seconds (inf: never)."""
@@ -299,6 +388,8 @@ class _Engine:
             self._retired = []
             scratch, self._scratch = self._scratch, None
         for lane in lanes:
+            lane.stop_soon()
+        for lane in lanes:
             lane.close(kill=False)
         stop_server()
         if scratch is not None:
@@ -318,6 +409,47 @@ def _retire(lane: _Lane) -> None:
 
 def _due(lane: _Lane, now: float) -> bool:
     return lane.retire_at is not None and lane.retire_at <= now
+
+
+# How many threads start new lanes' workers at once. Each start is a round
+# trip to the fork server (it forks while the caller waits) plus the
+# caller's own share (loky's manager thread, pickling the worker's process
+# object); with several in flight the waits overlap the work.
+_STARTERS = 2
+
+
+def _start_workers(lanes: list[_Lane]) -> None:
+    """Set up and start the workers of new lanes side by side, in the background, in order.
+
+    The call goes on at once and sends work to each lane as soon as it is
+    started, so the first steps run while later lanes still start; a lane's
+    ``close`` waits for its starter. 32 lanes one after another took about
+    20 ms each, and the first step waited for all of them to be made.
+    """
+    pending = collections.deque(lanes)
+    for lane in lanes:
+        lane._starting = threading.Event()
+    lock = threading.Lock()
+
+    def start() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                lane = pending.popleft()
+            try:
+                lane.start_worker()
+            finally:
+                assert lane._starting is not None
+                lane._starting.set()
+                # Read after setting: a call that took the lane meanwhile
+                # either sees it started or is the one woken here.
+                on_started = lane.on_started
+                if on_started is not None:
+                    on_started()
+
+    for _ in range(min(_STARTERS, len(lanes))):
+        threading.Thread(target=start, name="procorch-lane-start", daemon=True).start()
 
 
 def _sweep_stale_scratch() -> None:

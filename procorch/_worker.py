@@ -17,7 +17,6 @@ that broke the channel itself.
 
 from __future__ import annotations
 
-import asyncio
 import faulthandler
 import inspect
 import os
@@ -29,7 +28,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import loky.process_executor
@@ -60,6 +59,9 @@ from ._protocol import (
 from ._sandbox import Sandbox, StepJail
 from ._schema import structured_violation
 from ._usage import StepUsage, UsageMeter
+
+if TYPE_CHECKING:
+    import asyncio
 
 _channel: Connection | None = None
 _crash_channel: Connection | None = None
@@ -227,6 +229,8 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     """The worker's own event loop, for executors whose execute_step is a coroutine."""
     global _loop
     if _loop is None or _loop.is_closed():
+        import asyncio  # on the first async step: most executors never need it
+
         _loop = asyncio.new_event_loop()
     return _loop
 

@@ -8,6 +8,7 @@ executor runs in other processes than the test.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -871,9 +872,11 @@ class ServerKillerExecutor(AgentExecutor):
 class WorkerFactsExecutor(AgentExecutor):
     """Reports how its worker was started: its parent, and which marker modules it holds.
 
-    ``jsonschema`` is in procorch's preload list and nothing else imports it
-    in a worker; ``colorsys`` is what the tests' programs preload in their own
-    fork server. With ``barrier_dir``, steps wait until ``hint`` of them run.
+    ``colorsys`` is what the tests' programs preload in their own fork
+    server; ``frozen`` says the worker inherited objects its server froze
+    (``gc.freeze``) after preloading, which procorch's server does and the
+    standard library's does not. With ``barrier_dir``, steps wait until
+    ``hint`` of them run.
     """
 
     def __init__(self, hint: int = 2, barrier_dir: str | None = None) -> None:
@@ -891,7 +894,8 @@ class WorkerFactsExecutor(AgentExecutor):
             "pid": os.getpid(),
             "parent": parent,
             "parent_is_server": _is_fork_server(parent),
-            "modules": [name for name in ("jsonschema", "colorsys") if name in sys.modules],
+            "modules": [name for name in ("colorsys",) if name in sys.modules],
+            "frozen": gc.get_freeze_count() > 0,
         }
         return ok_outcome(spec, structured=facts)
 

@@ -115,7 +115,8 @@ def test_program_using_the_forkserver_keeps_its_server_and_preloads(
     assert report["pool_after_shutdown"] == [True, True]
     worker = report["procorch_worker"]
     assert worker["parent_is_server"]  # forked by procorch's server, not the program's
-    assert worker["modules"] == ["jsonschema"]  # with procorch's preloads, not the program's
+    assert worker["modules"] == []  # without the program's preloads
+    assert worker["frozen"]  # with procorch's, frozen before the fork
 
 
 # -- a step that kills the fork server -------------------------------------------
