@@ -222,9 +222,19 @@ def sandbox_breach(spec: AgentStepSpec, words: str, exc: BaseException | None) -
 
 
 def executor_not_rebuilt(spec: AgentStepSpec, exc: BaseException) -> str:
-    return (
+    said = (
         f"{_describe(spec)} did not run: its executor could not be rebuilt in the worker "
         f"process: {type(exc).__name__}: {safe_text(exc)}"
+    )
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if not missing:
+        return said
+    top = missing.partition(".")[0]
+    return (
+        f"{said}. The module must be importable where the step runs: install it there "
+        f"(on every Dask worker, for a cluster), or send it with the executor by calling "
+        f"cloudpickle.register_pickle_by_value({top}) before the call "
+        "(procorch run --dask does this for a module that is not installed)"
     )
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import FaultyExecutor, UnloadableExecutor, gone, spec
+from helpers import FaultyExecutor, UnloadableExecutor, gone, run_to_end, spec
 
 from procorch import (
     Event,
@@ -165,6 +166,61 @@ def test_executor_that_cannot_be_rebuilt_fails_every_step() -> None:
         assert outcome.task_id == task_id
         assert "could not be rebuilt in the worker process" in outcome.output
         assert "this executor refuses to be unpickled" in outcome.output
+
+
+_HIDDEN_MODULE = """
+from procorch import AgentExecutor, StepOutcome
+
+class Hidden(AgentExecutor):
+    def execute_step(self, spec, events):
+        return StepOutcome(spec.task_id, "session", spec.agent, "ran", True)
+"""
+
+_HIDDEN_CALLER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import hiddenexec  # importable here; the workers' path does not have its folder
+sys.path.remove(sys.argv[1])
+import cloudpickle
+import procorch
+from procorch import AgentStepSpec
+
+if sys.argv[2] == "ship":
+    cloudpickle.register_pickle_by_value(hiddenexec)
+specs = [AgentStepSpec(t, "agent", "d", "p") for t in ("a", "b")]
+for outcome in procorch.execute_steps_parallel(hiddenexec.Hidden(), specs):
+    print(outcome.task_id, outcome.success, outcome.error and outcome.error.kind, outcome.output)
+"""
+
+
+@pytest.mark.parametrize("ship", [False, True])
+def test_executor_module_missing_in_the_worker_says_how_to_ship_it(
+    tmp_path: Path, ship: bool
+) -> None:
+    """A module the workers cannot import fails each step with the way out, which works."""
+    hidden, run = tmp_path / "hidden", tmp_path / "run"
+    hidden.mkdir()
+    run.mkdir()
+    (hidden / "hiddenexec.py").write_text(_HIDDEN_MODULE)
+    (run / "caller.py").write_text(_HIDDEN_CALLER)
+    mode = "ship" if ship else "plain"
+    result = run_to_end(
+        [sys.executable, "caller.py", str(hidden), mode],
+        timeout=120,
+        cwd=run,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["a", "b"]
+    for line in lines:
+        if ship:
+            assert line.split()[1:3] == ["True", "None"], line
+        else:
+            assert line.split()[1:3] == ["False", "serialization"], line
+            assert "No module named 'hiddenexec'" in line
+            assert "cloudpickle.register_pickle_by_value(hiddenexec)" in line
 
 
 def test_engine_goes_on_after_crashes() -> None:
