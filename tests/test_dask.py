@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from dask_helpers import CountingExecutor, client_state, procorch_state, runs_by_task
 from helpers import (
     ChattyExecutor,
     FaultyExecutor,
@@ -514,64 +514,12 @@ def test_dask_concurrent_callers_each_get_their_own_executor(
 # -- nothing left behind ------------------------------------------------------------------
 
 
-def _procorch_state(dask_scheduler: Any = None) -> dict[str, int]:
-    """What procorch calls hold on the scheduler: queues, their users, topics, events, tasks."""
-    queues = dask_scheduler.extensions["queues"]
-    # Not the one topic of the cluster where nannies publish worker deaths (bounded).
-    topics = {
-        name: t
-        for name, t in dask_scheduler._broker._topics.items()
-        if "procorch" in name and name != "procorch-worker-exits"
-    }
-    return {
-        "queues": sum("procorch" in name for name in queues.queues),
-        "queue users": sum(n for name, n in queues.client_refcount.items() if "procorch" in name),
-        "topics": len(topics),
-        "events": sum(len(topic.events) for topic in topics.values()),
-        "tasks": sum("procorch" in str(key) for key in dask_scheduler.tasks),
-    }
-
-
-def _client_state(client: Any) -> dict[str, int]:
-    return {
-        "handlers": sum("procorch" in topic for topic in client._event_handlers),
-        "futures": sum("procorch" in str(key) for key in client.futures),
-    }
-
-
-class CountingExecutor(AgentExecutor):
-    """Writes a new file ``<task_id>.<random>`` in ``run_dir`` per run; agent 'segfault' crashes."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
-
-    def concurrency_hint(self) -> int:
-        return 2
-
-    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        (Path(self.run_dir) / f"{spec.task_id}.{uuid.uuid4().hex}").touch()
-        if spec.agent == "segfault":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        events.emit("ran")
-        return StepOutcome(
-            task_id=spec.task_id, session_id=spec.task_id, agent=spec.agent, output="", success=True
-        )
-
-
-def _runs_by_task(run_dir: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path in run_dir.iterdir():
-        task_id = path.name.split(".")[0]
-        counts[task_id] = counts.get(task_id, 0) + 1
-    return counts
-
-
 @pytest.mark.slow
 def test_dask_calls_leave_nothing_behind_and_are_never_run_again(tmp_path: Path) -> None:
     """30 calls then a crashing one: the scheduler and client hold nothing of them, none re-ran."""
     with _private_client(allowed_failures=0) as client:
         backend = DaskBackend(client)
-        before = client.run_on_scheduler(_procorch_state), _client_state(client)
+        before = client.run_on_scheduler(procorch_state), client_state(client)
         for call in range(30):
             out = execute_steps_parallel(
                 CountingExecutor(str(tmp_path)),
@@ -589,12 +537,12 @@ def test_dask_calls_leave_nothing_behind_and_are_never_run_again(tmp_path: Path)
         # Releases travel on the client's batched stream: give them a moment to arrive.
         deadline = time.monotonic() + 10
         while True:
-            after = client.run_on_scheduler(_procorch_state), _client_state(client)
+            after = client.run_on_scheduler(procorch_state), client_state(client)
             if after == before or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     assert after == before
-    runs = _runs_by_task(tmp_path)
+    runs = runs_by_task(tmp_path)
     assert {task_id: n for task_id, n in runs.items() if task_id != "x" and n != 1} == {}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
+from dask_helpers import CountingExecutor, client_state, procorch_state, runs_by_task
 from helpers import FaultyExecutor, GuardExecutor, gone, kill_tree, run_to_end, spec
 
 from procorch import (
@@ -305,24 +306,6 @@ def test_callers_with_the_same_pid_get_their_own_executor(
 # -- a client that lives for many calls ---------------------------------------------
 
 
-def _procorch_state(dask_scheduler: Any = None) -> dict[str, int]:
-    """What procorch calls hold on the scheduler: queues, their users, topics, events, tasks."""
-    queues = dask_scheduler.extensions["queues"]
-    # Not the one topic of the cluster where nannies publish worker deaths (bounded).
-    topics = {
-        name: t
-        for name, t in dask_scheduler._broker._topics.items()
-        if "procorch" in name and name != "procorch-worker-exits"
-    }
-    return {
-        "queues": sum("procorch" in name for name in queues.queues),
-        "queue users": sum(n for name, n in queues.client_refcount.items() if "procorch" in name),
-        "topics": len(topics),
-        "events": sum(len(topic.events) for topic in topics.values()),
-        "tasks": sum("procorch" in str(key) for key in dask_scheduler.tasks),
-    }
-
-
 def _quiet(client: Any) -> tuple[dict[str, int], dict[str, int]]:
     """The scheduler's and the client's state once no procorch task is left (or 30 s passed).
 
@@ -330,17 +313,10 @@ def _quiet(client: Any) -> tuple[dict[str, int], dict[str, int]]:
     """
     deadline = time.monotonic() + 30
     while True:
-        state = client.run_on_scheduler(_procorch_state), _client_state(client)
+        state = client.run_on_scheduler(procorch_state), client_state(client)
         if state[0]["tasks"] == state[1]["futures"] == 0 or time.monotonic() > deadline:
             return state
         time.sleep(0.05)
-
-
-def _client_state(client: Any) -> dict[str, int]:
-    return {
-        "handlers": sum("procorch" in topic for topic in client._event_handlers),
-        "futures": sum("procorch" in str(key) for key in client.futures),
-    }
 
 
 class BulkyExecutor(AgentExecutor):
@@ -384,22 +360,6 @@ def test_fifty_calls_on_one_client_leave_nothing_behind(client: Any) -> None:
     assert grown < 100 * 2**20, f"the client grew by {grown / 2**20:.0f} MiB"
 
 
-class CountingExecutor(AgentExecutor):
-    """Writes a new file ``<task_id>.<random>`` in ``run_dir`` per run; agent 'segfault' crashes."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
-
-    def concurrency_hint(self) -> int:
-        return 2
-
-    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        (Path(self.run_dir) / f"{spec.task_id}.{uuid.uuid4().hex}").touch()
-        if spec.agent == "segfault":
-            os.kill(os.getpid(), signal.SIGSEGV)
-        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True)
-
-
 def test_a_crash_after_earlier_calls_does_not_run_their_steps_again(
     tmp_path: Path, client: Any
 ) -> None:
@@ -416,10 +376,7 @@ def test_a_crash_after_earlier_calls_does_not_run_their_steps_again(
         CountingExecutor(str(tmp_path)), [spec("x", "segfault"), spec("last")], backend=backend
     )
     assert out[0].error is not None and out[0].error.kind == "crash" and out[1].success
-    runs: dict[str, int] = {}
-    for path in tmp_path.iterdir():
-        task_id = path.name.split(".")[0]
-        runs[task_id] = runs.get(task_id, 0) + 1
+    runs = runs_by_task(tmp_path)
     assert len(runs) == 42
     assert {task_id: n for task_id, n in runs.items() if task_id != "x" and n != 1} == {}
 
