@@ -580,6 +580,9 @@ class _DaskSteps:
         self._restart_later(
             sorted({task.address for task in running if task.nanny and task.address})
         )
+        self._retire_later(
+            sorted({task.address for task in running if not task.nanny and task.address})
+        )
         facts = {}
         for task in running:
             if task.nanny:
@@ -689,6 +692,29 @@ class _DaskSteps:
             )
             thread.start()
             self._restarts.append(thread)
+
+    def _retire_later(self, addresses: list[str]) -> None:
+        """Take the workers at ``addresses`` (no nanny, a step stuck in their thread) out of
+        the scheduler's rotation, from another thread.
+
+        Nothing can stop their step, and the scheduler, taking the cancelled
+        task for gone, would go on queueing steps behind it (those of this
+        call too, on the worker that holds the executor) where they would
+        never start. Retired, the worker's data moves elsewhere and what was
+        queued on it runs on the other workers; its process is left alone.
+        """
+        if addresses:
+            thread = threading.Thread(
+                target=self._retire, args=(addresses,), name="procorch-dask-retire", daemon=True
+            )
+            thread.start()
+            self._restarts.append(thread)
+
+    def _retire(self, addresses: list[str]) -> None:
+        try:
+            self._client.retire_workers(workers=addresses, close_workers=False, remove=True)
+        except Exception:  # the worker or the scheduler is already gone: nothing to take out
+            pass
 
     def _restart(self, addresses: list[str]) -> dict[str, str]:
         """Restart the workers at ``addresses``; what went wrong, by address."""

@@ -316,7 +316,8 @@ def dask_not_restarted(address: str | None) -> str:
     """A step running on a Dask worker without a nanny: nothing can stop it."""
     return (
         f"its Dask worker ({address}) has no nanny to restart it, the only way to stop a "
-        "running Dask task, so the step may still be running there"
+        "running Dask task, so procorch asked the scheduler to retire that worker (no more "
+        "work goes to it) and the step may still be running there"
     )
 
 

@@ -513,9 +513,15 @@ def test_guards_act_on_time_while_a_worker_restarts(
 
 
 def test_a_step_on_a_worker_without_a_nanny_is_said_to_be_maybe_running(tmp_path: Path) -> None:
-    """--no-nanny: a timed-out step cannot be stopped, and its outcome says so."""
+    """--no-nanny: a timed-out step cannot be stopped, and its outcome says so.
+
+    Without work stealing both steps are queued on the worker that holds the
+    executor: the other step runs only if procorch takes that worker out of
+    the scheduler's rotation, as it must, its one thread being stuck for good.
+    """
+    no_stealing = {"DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False"}
     with (
-        real_cluster(tmp_path / "cluster", nanny=False) as address,
+        real_cluster(tmp_path / "cluster", nanny=False, env=no_stealing) as address,
         distributed.Client(address, set_as_default=False) as client,
     ):
         out = execute_steps_parallel(
@@ -524,8 +530,13 @@ def test_a_step_on_a_worker_without_a_nanny_is_said_to_be_maybe_running(tmp_path
             step_timeout=1.0,
             backend=DaskBackend(client),
         )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while len(client.scheduler_info()["workers"]) != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(client.scheduler_info()["workers"]) == 1  # the stuck worker is retired
     assert out[1].success
     assert out[0].error is not None and out[0].error.kind == "timeout"
+    assert "asked the scheduler to retire that worker" in out[0].output
     assert "has no nanny to restart it" in out[0].output
     assert "may still be running there" in out[0].output
     assert "asked the nanny" not in out[0].output
