@@ -396,6 +396,7 @@ def test_initializer_runs_again_in_each_worker_max_tasks_per_child_starts() -> N
     assert all(initialized == [("ready", 1)] for _, initialized in results)
 
 
+@pytest.mark.slow
 def test_idle_timeout_retires_idle_workers_and_the_pool_goes_on() -> None:
     """Workers idle for idle_timeout seconds exit, in the pool and kept warm after it."""
     with ProcessPool(2, idle_timeout=0.5) as pool:

@@ -285,7 +285,10 @@ def test_cancelled_token_before_the_call_runs_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("agent", "guard"),
-    [("child_then_crash", {}), ("child_then_hang", {"step_timeout": 1.0})],
+    [
+        ("child_then_crash", {}),
+        pytest.param("child_then_hang", {"step_timeout": 1.0}, marks=pytest.mark.slow),
+    ],
 )
 def test_no_orphans_after_crash_or_timeout(tmp_path: Path, agent: str, guard: dict) -> None:
     """A step that started a child and then crashed or timed out leaves no process."""

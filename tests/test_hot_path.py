@@ -164,6 +164,7 @@ def test_large_prompts_arrive_whole() -> None:
     assert [outcome.output for outcome in out] == [str(len(p)) for p in prompts]
 
 
+@pytest.mark.slow
 def test_a_time_limit_inside_a_long_chunk_does_not_wait_for_the_chunk(
     chunk_sizes: list[int],
 ) -> None:
@@ -181,6 +182,7 @@ def test_a_time_limit_inside_a_long_chunk_does_not_wait_for_the_chunk(
     assert finished[700] < 30  # its limit, not the minute it would have slept
 
 
+@pytest.mark.slow
 def test_a_soft_time_limit_stops_one_step_of_a_long_chunk_only(chunk_sizes: list[int]) -> None:
     """StepTimeout reaches the late step alone; its worker runs the rest of the chunk."""
     specs = [spec(f"s{i}", "swallow" if i == 400 else "ok") for i in range(800)]

@@ -425,7 +425,7 @@ class ConsumerError(Exception):
     ("raise_on", "guard"),
     [
         ("StepStarted", {"step_timeout": 30.0, "call_timeout": 60.0}),
-        ("StepFinished", {"step_timeout": 1.0}),
+        pytest.param("StepFinished", {"step_timeout": 1.0}, marks=pytest.mark.slow),
         pytest.param("StepFinished", {"call_timeout": 2.0}, marks=pytest.mark.slow),
     ],
     ids=["started-with-limits", "finished-after-step-timeout", "finished-after-call-timeout"],
@@ -599,7 +599,7 @@ def test_events_grammar_on_every_path(tmp_path: Path, scenario: str) -> None:
         assert kinds == [None, "exception", "crash", None, None, "timeout", None, None]
 
 
-@pytest.mark.parametrize("how", ["cancel", "call_timeout"])
+@pytest.mark.parametrize("how", ["cancel", pytest.param("call_timeout", marks=pytest.mark.slow)])
 def test_step_stopped_during_its_retry_backoff_finishes_exactly_once(
     tmp_path: Path, how: str
 ) -> None:

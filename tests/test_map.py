@@ -113,6 +113,7 @@ def test_map_max_tasks_per_child_bounds_items_per_worker() -> None:
     assert max(calls_per_pid.values()) <= 3, calls_per_pid
 
 
+@pytest.mark.slow
 def test_map_idle_timeout_retires_the_warm_workers_after_the_call() -> None:
     """The workers a call gives back exit after its idle_timeout; the next call forks new ones."""
     first = {r.value[1] for r in procorch.map(pid_of, range(4), concurrency=2, idle_timeout=0.5)}

@@ -30,7 +30,13 @@ def _run(agent: str, sandbox: Sandbox, prompt: str = "p") -> tuple[StepOutcome, 
 @pytest.mark.parametrize(
     ("agent", "sandbox", "kind", "words"),
     [
-        ("busy", Sandbox(cpu_seconds=1), "cpu_time", "more than the 1 s of CPU time"),
+        pytest.param(
+            "busy",
+            Sandbox(cpu_seconds=1),
+            "cpu_time",
+            "more than the 1 s of CPU time",
+            marks=pytest.mark.slow,
+        ),
         ("open_many", Sandbox(open_files=50), "open_files", "more than the 50 files allowed"),
         ("fork_many", Sandbox(processes=5), "processes", "more than the 5 allowed"),
         ("write_big", Sandbox(file_size=2**20), "file_size", "past the 1048576 bytes"),

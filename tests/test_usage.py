@@ -95,6 +95,7 @@ def test_usage_of_a_crashed_step_is_its_wall_time_and_names_the_rest_missing() -
     assert _usage(events, "s1-ok").missing == ()
 
 
+@pytest.mark.slow
 def test_usage_of_a_timed_out_step_runs_to_the_verdict() -> None:
     """A step killed at its 1 s limit: its wall time is at least the limit."""
     events = _run(UsageExecutor(), ["hang"], step_timeout=1.0)
