@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,29 @@ def runs_by_task(run_dir: Path) -> dict[str, int]:
         task_id = path.name.split(".")[0]
         counts[task_id] = counts.get(task_id, 0) + 1
     return counts
+
+
+def _rebuild_named(name: str, log_path: str | None) -> NamedExecutor:
+    if log_path is not None:
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()} {name}\n")
+    return NamedExecutor(name, log_path)
+
+
+class NamedExecutor(AgentExecutor):
+    """Answers every step with its own name; with ``log_path``, each unpickling appends
+    "pid name" there."""
+
+    def __init__(self, name: str, log_path: str | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_named, (self.name, self.log_path))
+
+    def concurrency_hint(self) -> int:
+        return 8
+
+    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
+        time.sleep(0.01)
+        return StepOutcome(spec.task_id, spec.task_id, spec.agent, self.name, True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from dask_helpers import CountingExecutor, client_state, procorch_state, runs_by_task
+from dask_helpers import CountingExecutor, NamedExecutor, client_state, procorch_state, runs_by_task
 from helpers import (
     ChattyExecutor,
     FaultyExecutor,
@@ -31,12 +31,9 @@ from helpers import (
 )
 
 from procorch import (
-    AgentExecutor,
-    AgentStepSpec,
     CancelToken,
     DaskBackend,
     Event,
-    EventSink,
     RetryPolicy,
     StepCrashed,
     StepFinished,
@@ -401,36 +398,6 @@ def test_dask_own_reruns_are_uncharged_attempts() -> None:
 
 
 # -- many threads per worker, many callers ----------------------------------------------
-
-
-def _rebuild_named(name: str, log_path: str) -> NamedExecutor:
-    with open(log_path, "a") as log:
-        log.write(f"{os.getpid()} {name}\n")
-    return NamedExecutor(name, log_path)
-
-
-class NamedExecutor(AgentExecutor):
-    """Answers every step with its own name; each unpickling appends "pid name" to ``log_path``."""
-
-    def __init__(self, name: str, log_path: str) -> None:
-        self.name = name
-        self.log_path = log_path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_named, (self.name, self.log_path))
-
-    def concurrency_hint(self) -> int:
-        return 8
-
-    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        time.sleep(0.01)
-        return StepOutcome(
-            task_id=spec.task_id,
-            session_id=spec.task_id,
-            agent=spec.agent,
-            output=self.name,
-            success=True,
-        )
 
 
 @contextlib.contextmanager

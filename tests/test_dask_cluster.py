@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
-from dask_helpers import CountingExecutor, client_state, procorch_state, runs_by_task
+from dask_helpers import CountingExecutor, NamedExecutor, client_state, procorch_state, runs_by_task
 from helpers import FaultyExecutor, GuardExecutor, gone, kill_tree, run_to_end, spec
 
 from procorch import (
@@ -203,33 +203,6 @@ def _stopped_workers(outcomes: list[StepOutcome]) -> set[str]:
 # -- whose executor runs a step -------------------------------------------------------
 
 
-def _rebuild_named(name: str) -> NamedExecutor:
-    return NamedExecutor(name)
-
-
-class NamedExecutor(AgentExecutor):
-    """Answers every step with its own name (and the pid of the worker that ran it)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_named, (self.name,))
-
-    def concurrency_hint(self) -> int:
-        return 8
-
-    def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        time.sleep(0.005)
-        return StepOutcome(
-            task_id=spec.task_id,
-            session_id=spec.task_id,
-            agent=spec.agent,
-            output=self.name,
-            success=True,
-        )
-
-
 def test_concurrent_callers_on_four_thread_workers_get_their_own_executor(
     threaded_cluster: str,
 ) -> None:
@@ -253,7 +226,7 @@ def test_concurrent_callers_on_four_thread_workers_get_their_own_executor(
 _CALLER = """
 import json, os, sys
 sys.path.insert(0, {tests!r})
-from test_dask_cluster import NamedExecutor
+from dask_helpers import NamedExecutor
 from helpers import spec
 import procorch
 
