@@ -638,6 +638,8 @@ class _DaskSteps:
         return self.steps
 
     def _submit(self, index: int) -> None:
+        from ._payload import inline_wire  # with the worker's modules: not before a step is sent
+
         steps = self._steps()
         attempt = steps.attempt(index)
         self.submitted += 1
@@ -650,7 +652,7 @@ class _DaskSteps:
             _run_on_worker,
             self.token,
             self._executor,
-            steps.data(index),
+            inline_wire(steps.data(index)),  # a large ProcessPool call too
             index,
             attempt,
             key,

@@ -33,7 +33,7 @@ Data flow::
 
 Each call travels as a step of a private executor, ``_CallRunner``: the
 callable and its arguments, cloudpickled, go as raw bytes beside the spec
-(``_payload``), and the result or the exception comes back as raw bytes in
+(``_payload``; a large call beside its chunk, on the lane's inbox: ``_inbox``), and the result or the exception comes back as raw bytes in
 the outcome's ``structured`` field: no base64 either way.
 """
 
@@ -57,7 +57,7 @@ from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._payload import carrier_wire_bytes, payload_of_this_step
+from ._payload import call_of_this_step, call_wire
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
 
@@ -136,7 +136,7 @@ class _CallRunner(AgentExecutor):
         self.__dict__.update(state, _initialized=False)
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        fn, args, kwargs = cloudpickle.loads(payload_of_this_step())
+        fn, args, kwargs = call_of_this_step()
         try:
             if not self._initialized and self.initializer is not None:
                 self._initialized = True
@@ -294,7 +294,7 @@ class ProcessPool(Executor):
         spec = AgentStepSpec(f"call-{number}", name, "", "")
         check_spec(number, spec)  # the name is the caller's: it must be text
         try:
-            data = carrier_wire_bytes(spec.task_id, spec.agent, (fn, args, kwargs))
+            data = call_wire(spec.task_id, spec.agent, (fn, args, kwargs))
         except Exception as exc:
             raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         future: _CallFuture[T] = _CallFuture(self)

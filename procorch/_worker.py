@@ -39,6 +39,7 @@ from ._capture import read_tail
 from ._containment import StepContainment
 from ._context import PACKAGE_DIR, prepare_worker
 from ._errors import StepTimeout
+from ._inbox import Apart, InboxStream, open_stream
 from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
@@ -70,6 +71,7 @@ _saved_std_fds: tuple[int, int] | None = None  # fds 1 and 2 from before capture
 _capture_path: str = ""
 _containment: StepContainment | None = None  # set by _init
 _control: Connection | None = None  # the parent's soft time limits arrive here
+_inbox: Connection | None = None  # large calls arrive here, beside their chunk (see _inbox)
 _current: tuple[int, int] | None = None  # (step, attempt) while the executor runs it
 _running: tuple[int, int] | None = None  # (step, attempt) of the step run_steps is on
 _raised: BaseException | None = None  # what the current step raised, if anything
@@ -98,6 +100,13 @@ def take_step_bytes() -> bytes:
     return data
 
 
+def take_step_stream() -> InboxStream | None:
+    """The inbox stream of the step this thread runs, if its call travels apart (once)."""
+    stream: InboxStream | None = getattr(_step_wire, "stream", None)
+    _step_wire.stream = None
+    return stream
+
+
 def _init(
     channel: Connection,
     crash_channel: Connection,
@@ -105,8 +114,9 @@ def _init(
     package_dir: str,
     cgroup_path: str | None,
     control: Connection,
+    inbox: Connection | None = None,
 ) -> None:
-    global _channel, _crash_channel, _capture_path, _containment, _control
+    global _channel, _crash_channel, _capture_path, _containment, _control, _inbox
     if os.path.realpath(package_dir) != os.path.realpath(PACKAGE_DIR):
         # Another procorch than the caller's would speak another protocol.
         os.write(
@@ -126,6 +136,7 @@ def _init(
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
     _containment = StepContainment(cgroup_path)
     _control = control
+    _inbox = inbox
     os.set_blocking(control.fileno(), False)
     signal.signal(SOFT_STOP_SIGNAL, _on_soft_stop)
 
@@ -459,7 +470,7 @@ def run_step(
 def run_steps(
     token: str,
     blob: bytes | None,
-    chunk: Sequence[tuple[int, int, bytes]],
+    chunk: Sequence[tuple[int, int, bytes | Apart]],
     capture: bool,
     retire_above: int | None,
     sandbox: Sandbox | None = None,
@@ -525,14 +536,20 @@ def _run_one(
     blob: bytes | None,
     step: int,
     attempt: int,
-    spec_bytes: bytes,
+    spec_bytes: bytes | Apart,
     capture: bool,
     sandbox: Sandbox | None,
     unsent: list[bytes],
     measure: bool = True,
 ) -> None:
     global _raised, _running, _meter
-    spec = _decode_spec(spec_bytes)
+    stream = None
+    if type(spec_bytes) is Apart:  # its call comes on the inbox, after our Started
+        stream = _step_wire.stream = open_stream(
+            None if _inbox is None else _inbox.fileno(), step, attempt
+        )
+        spec_bytes = spec_bytes.spec
+    spec = _decode_spec(spec_bytes)  # type: ignore[arg-type]
     sink = _ChannelSink(step, attempt)
     _running = (step, attempt)
     _raised = None
@@ -545,6 +562,9 @@ def _run_one(
     else:
         outcome, duration = _run_jailed(spec, token, blob, sink, sandbox)
     _raised = None
+    if stream is not None:
+        _step_wire.stream = None
+        stream.finish()  # what the step left unread: the next stream starts after it
     assert _containment is not None
     _containment.clean_up()  # nothing the step started outlives it
     # After the clean-up: the children it reaped count as the step's.
