@@ -43,6 +43,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import os
 import threading
 import traceback
 import weakref
@@ -57,7 +58,7 @@ from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._payload import call_of_this_step, call_wire
+from ._payload import CallNotSentError, call_of_this_step, call_wire
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
 
@@ -136,7 +137,12 @@ class _CallRunner(AgentExecutor):
         self.__dict__.update(state, _initialized=False)
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        fn, args, kwargs = call_of_this_step()
+        try:
+            fn, args, kwargs = call_of_this_step()
+        except CallNotSentError as exc:  # changed after submit: it no longer pickles
+            message = f"call {spec.task_id} ({spec.agent}) was not run: {exc}"
+            error = StepError(kind="serialization", message=message, exception_type="TypeError")
+            return StepOutcome.failed(spec.task_id, spec.agent, message, error)
         try:
             if not self._initialized and self.initializer is not None:
                 self._initialized = True
@@ -200,10 +206,15 @@ class _WorkItem:
         self.timeout = timeout
 
 
-def _finish_at_exit(pool_ref: weakref.ref[ProcessPool]) -> None:
-    """Before the interpreter exits, a pool left open finishes what was submitted."""
+def _finish_at_exit(pool_ref: weakref.ref[ProcessPool], pid: int) -> None:
+    """Before the interpreter exits, a pool left open finishes what was submitted.
+
+    Only in the process that made the pool: a child forked from it (a
+    ``fork`` multiprocessing pool's worker) inherits the hook, but not the
+    pool's thread, and maybe a lock some thread held at the fork.
+    """
     pool = pool_ref()
-    if pool is not None:
+    if pool is not None and os.getpid() == pid:
         pool.shutdown(wait=True)
 
 
@@ -347,7 +358,7 @@ class ProcessPool(Executor):
                 dispatch.backend.start_ready()
                 with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
                     threading._register_atexit(  # type: ignore[attr-defined]
-                        functools.partial(_finish_at_exit, weakref.ref(self))
+                        functools.partial(_finish_at_exit, weakref.ref(self), os.getpid())
                     )
             finally:
                 self._lanes_started.set()

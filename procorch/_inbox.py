@@ -43,7 +43,7 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["LARGE_CALL", "Apart", "ApartWire", "InboxError", "InboxStream", "InboxWriter", "open_stream"]
+__all__ = ["LARGE_CALL", "Apart", "ApartWire", "CallNotSentError", "InboxError", "InboxStream", "InboxWriter", "open_stream"]
 
 LARGE_CALL = 1 << 20
 """A pickled call larger than this travels apart on the lane's inbox.
@@ -286,9 +286,13 @@ def open_stream(fd: int | None, step: int, attempt: int) -> InboxStream:
     return InboxStream(fd)
 
 
+class CallNotSentError(TypeError):
+    """The parent could not pickle a large call when it sent it (it changed since submit)."""
+
+
 def load_call(stream: InboxStream) -> Any:
-    """Unpickle the call from its stream; a call the parent could not pickle raises TypeError."""
+    """Unpickle the call from its stream; raises CallNotSentError if the parent could not send it."""
     try:
         return cloudpickle.load(stream)
     except _NotSent as exc:
-        raise TypeError(str(exc)) from None
+        raise CallNotSentError(str(exc)) from None

@@ -30,10 +30,11 @@ import cloudpickle
 import msgspec
 
 from . import _worker
-from ._inbox import LARGE_CALL, ApartWire, load_call
+from ._inbox import LARGE_CALL, ApartWire, CallNotSentError, load_call
 from ._model import AgentStepSpec
 
 __all__ = [
+    "CallNotSentError",
     "CarrierSpec",
     "call_of_this_step",
     "call_wire",
@@ -144,7 +145,8 @@ def call_of_this_step() -> Any:
     """In a worker, the call of the step this thread is running, unpickled.
 
     From the lane's inbox when it travelled apart (the large bytes land in
-    their final objects), else from the step's wire bytes.
+    their final objects), else from the step's wire bytes. Raises
+    ``CallNotSentError`` for a large call the parent could not pickle.
     """
     stream = _worker.take_step_stream()
     if stream is not None:

@@ -21,6 +21,7 @@ import faulthandler
 import inspect
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
 from ._protocol import (
+    LARGE_FRAME,
     SOFT_STOP,
     SOFT_STOP_SIGNAL,
     Done,
@@ -429,6 +431,42 @@ def done_frame(
     return encode(Done(step, attempt, problem, duration, usage))
 
 
+# Where a large bytes result goes in its Done frame: the frame is encoded around
+# this mark (msgpack bin 8 of 16 bytes), then written as pieces with the result
+# in the middle, so the result is never copied into the frame.
+_SPLICE_MARK = b"\xc4\x10procorch-splice\0"
+_BIN32 = struct.Struct(">BI")  # msgpack bin 32: 0xc6, then the length, big-endian
+_FRAME_LENGTH = struct.Struct("<I")
+
+
+def done_parts(
+    spec: AgentStepSpec,
+    step: int,
+    attempt: int,
+    outcome: StepOutcome,
+    duration: float,
+    usage: StepUsage | None = None,
+) -> list[bytes]:
+    """The step's ``Done`` frame as pieces to write in order (see ``done_frame``).
+
+    A ``bytes`` result over ``LARGE_FRAME`` (a ProcessPool call's pickled
+    result, say) is one of the pieces, as it is: the frame is encoded with a
+    16-byte mark in its place and written around it, one copy fewer than
+    encoding it into the frame. Never raises.
+    """
+    structured = outcome.structured
+    if type(structured) is bytes and LARGE_FRAME < len(structured) < 2**32 - 2**16:
+        marked = msgspec.structs.replace(outcome, structured=_SPLICE_MARK[2:])
+        head = done_frame(spec, step, attempt, marked, duration, usage)
+        at = head.find(_SPLICE_MARK)
+        if at >= 0 and head.find(_SPLICE_MARK, at + 1) < 0:  # else: replaced by a failure
+            before = head[:at] + _BIN32.pack(0xC6, len(structured))
+            after = head[at + len(_SPLICE_MARK) :]
+            size = len(before) + len(structured) + len(after)
+            return [_FRAME_LENGTH.pack(size) + before, structured, after]
+    return frame_parts(done_frame(spec, step, attempt, outcome, duration, usage))
+
+
 def _unsendable(spec: AgentStepSpec, outcome: StepOutcome, exc: BaseException) -> StepOutcome:
     try:
         message = _messages.unsendable_outcome(spec, _unsendable_field(outcome), exc)
@@ -572,7 +610,7 @@ def _run_one(
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.extend(frame_parts(done_frame(spec, step, attempt, outcome, duration, usage)))
+    unsent.extend(done_parts(spec, step, attempt, outcome, duration, usage))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:

@@ -341,7 +341,7 @@ def test_large_arguments_and_results_round_trip_byte_exact() -> None:
 
 def test_arguments_travel_as_raw_bytes_not_base64() -> None:
     """A queued call's wire bytes are its pickled arguments plus a little, not base64 text."""
-    blob = os.urandom(4 * 2**20)
+    blob = os.urandom(512 * 1024)
     with ProcessPool(1) as pool:
         hung = pool.submit(sleep_then, 0, 3600)
         try:
@@ -353,6 +353,49 @@ def test_arguments_travel_as_raw_bytes_not_base64() -> None:
         finally:
             hung.cancel()
         assert queued.result(timeout=60) == len(blob)
+
+
+def test_a_large_call_is_kept_unpickled_until_it_is_sent() -> None:
+    """Past 1 MiB the parent holds the call itself, not a pickled copy; it arrives intact."""
+    blob = os.urandom(4 * 2**20)
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            queued = pool.submit(identity, blob)
+            with pool._lock:
+                (item,) = [item for item in pool._pending if item.future is queued]
+            assert len(item.data) < 4096  # the spec alone: the call travels apart
+            fn, args, kwargs = item.data.call
+            assert fn is identity and args[0] is blob and kwargs == {}
+        finally:
+            hung.cancel()
+        assert queued.result(timeout=60) == blob
+
+
+def test_a_large_call_changed_after_submit_fails_alone_as_serialization() -> None:
+    """A large call that no longer pickles when it is sent fails its own future, in words."""
+    blob = os.urandom(2 * 2**20)
+    box: list[object] = [blob]
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            changed = pool.submit(len, box)
+            box.append(lambda_in_a_lock())  # unpicklable, added while the call waits
+            after = pool.submit(len, blob)
+        finally:
+            hung.cancel()
+        with pytest.raises(StepFailedError, match="could not be pickled when it was sent") as info:
+            changed.result(timeout=60)
+        assert info.value.error is not None and info.value.error.kind == "serialization"
+        assert after.result(timeout=60) == len(blob)
+        assert pool.submit(len, box[:1]).result(timeout=60) == 1
+
+
+def lambda_in_a_lock() -> object:
+    """Something no pickler can carry."""
+    import threading
+
+    return threading.Lock()
 
 
 def test_max_tasks_per_child_gives_a_fresh_worker_every_n_calls() -> None:
