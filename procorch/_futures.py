@@ -344,6 +344,9 @@ class ProcessPool(Executor):
     def _ensure_thread(self) -> None:
         if self._thread is None:
             self._dispatch = self._call.dispatch(on_outcome=self._resolve, keep_outcomes=False)
+            if hasattr(self._dispatch.backend, "structured_views"):  # the local lanes
+                # A large result is unpickled from the frame it came in: no copy between.
+                self._dispatch.backend.structured_views = True
             self._thread = threading.Thread(
                 target=self._serve, name="procorch-ProcessPool", daemon=True
             )
