@@ -33,8 +33,10 @@ Data flow::
 
 Each call travels as a step of a private executor, ``_CallRunner``: the
 callable and its arguments, cloudpickled, go as raw bytes beside the spec
-(``_payload``; a large call beside its chunk, on the lane's inbox: ``_inbox``), and the result or the exception comes back as raw bytes in
-the outcome's ``structured`` field: no base64 either way.
+(``_payload``), or, past 1 MiB, pickled straight into the lane's inbox
+(``_inbox``); the result or the exception comes back as raw bytes in the
+outcome's ``structured`` field, unpickled from the frame it came in: no
+base64 either way.
 """
 
 from __future__ import annotations

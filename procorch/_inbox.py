@@ -43,7 +43,16 @@ from typing import Any
 
 import cloudpickle
 
-__all__ = ["LARGE_CALL", "Apart", "ApartWire", "CallNotSentError", "InboxError", "InboxStream", "InboxWriter", "open_stream"]
+__all__ = [
+    "LARGE_CALL",
+    "Apart",
+    "ApartWire",
+    "CallNotSentError",
+    "InboxError",
+    "InboxStream",
+    "InboxWriter",
+    "open_stream",
+]
 
 LARGE_CALL = 1 << 20
 """A pickled call larger than this travels apart on the lane's inbox.
@@ -276,7 +285,9 @@ def _read_exactly(fd: int, size: int) -> bytearray:
 def open_stream(fd: int | None, step: int, attempt: int) -> InboxStream:
     """In a worker: the stream of step ``(step, attempt)``, which must be the next one."""
     if fd is None:
-        raise InboxError(f"step {step} attempt {attempt} travels apart, but this worker has no inbox")
+        raise InboxError(
+            f"step {step} attempt {attempt} travels apart, but this worker has no inbox"
+        )
     named = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
     if named != (step, attempt):
         raise InboxError(
@@ -291,7 +302,7 @@ class CallNotSentError(TypeError):
 
 
 def load_call(stream: InboxStream) -> Any:
-    """Unpickle the call from its stream; raises CallNotSentError if the parent could not send it."""
+    """Unpickle the call from its stream; CallNotSentError if the parent could not send it."""
     try:
         return cloudpickle.load(stream)
     except _NotSent as exc:

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    KillOnceOnUnpickle,
+    KillOnUnpickle,
     crash_on,
     crash_or_pid,
     gone,
     identity,
     initialized_with,
     interval,
+    large_result_cut_by_sigkill,
     pid_and_initargs,
     pid_of,
     raise_value_error,
@@ -473,3 +476,94 @@ def test_wire_bytes_of_a_call_are_what_msgspec_would_encode() -> None:
     expected = CarrierSpec("call-7", "identity", "", "", payload=cloudpickle.dumps(call))
     assert wire == msgspec.msgpack.encode(expected)
     assert msgspec.msgpack.decode(wire, type=procorch.AgentStepSpec).task_id == "call-7"
+
+
+def test_a_worker_killed_while_a_large_call_arrives_fails_that_call_alone() -> None:
+    """SIGKILLed mid-transfer of a 50 MiB call: that future is a crash; the others complete."""
+    blob = os.urandom(50 * 2**20)
+    with ProcessPool(2) as pool:
+        before = pool.submit(len, blob)
+        killed = pool.submit(len, [KillOnUnpickle(), blob])  # dies with most of it unread
+        after = [pool.submit(len, blob) for _ in range(2)] + [pool.submit(square, 4)]
+        with pytest.raises(StepFailedError, match="SIGKILL") as caught:
+            killed.result(timeout=120)
+        assert caught.value.error is not None and caught.value.error.kind == "crash"
+        assert caught.value.outcome.task_id == "call-1"
+        assert before.result(timeout=120) == len(blob)
+        assert [future.result(timeout=120) for future in after] == [len(blob), len(blob), 16]
+        assert pool.submit(len, blob).result(timeout=120) == len(blob)
+
+
+def test_a_worker_killed_while_writing_a_large_result_fails_that_call_alone() -> None:
+    """SIGKILLed halfway through writing a 50 MiB result: that future is a crash, alone."""
+    with ProcessPool(2) as pool:
+        cut = pool.submit(large_result_cut_by_sigkill, 50 * 2**20)
+        others = [pool.submit(identity, b"k" * (3 * 2**20)) for _ in range(3)]
+        with pytest.raises(StepFailedError, match="SIGKILL") as caught:
+            cut.result(timeout=120)
+        assert caught.value.error is not None and caught.value.error.kind == "crash"
+        assert caught.value.outcome.task_id == "call-0"
+        assert [future.result(timeout=120) for future in others] == [b"k" * (3 * 2**20)] * 3
+
+
+def test_an_inbox_stream_naming_another_step_is_a_protocol_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large call whose stream names another attempt fails that call, in words; others go on."""
+    from procorch import _inbox
+
+    real_send = _inbox.InboxWriter.send
+    blob = os.urandom(2 * 2**20)
+
+    def mislabelled(self: _inbox.InboxWriter, step: int, attempt: int, call: object) -> None:
+        fn = call[0]  # type: ignore[index]
+        real_send(self, step, attempt + 1 if fn is identity else attempt, call)
+
+    monkeypatch.setattr(_inbox.InboxWriter, "send", mislabelled)
+    with ProcessPool(1) as pool:
+        wrong = pool.submit(identity, blob)
+        with pytest.raises(StepFailedError, match="is for step 0 attempt 2, not step 0 attempt 1"):
+            wrong.result(timeout=60)
+        assert pool.submit(len, blob).result(timeout=60) == len(blob)
+
+
+def test_a_forked_child_does_not_run_the_pools_exit_hook() -> None:
+    """A child forked while a pool's lock is held exits: the parent's exit hook is not its own."""
+    import multiprocessing
+
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 2).result(timeout=60) == 4
+        with pool._dispatch._wake._lock:  # held at the fork: the child's copy is never released
+            child = multiprocessing.get_context("fork").Process(target=square, args=(3,))
+            child.start()
+        child.join(timeout=30)
+        try:
+            assert child.exitcode == 0
+        finally:
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+
+
+def test_a_large_call_sent_to_dask_carries_its_call_inline() -> None:
+    """Without inboxes (Dask), a large call's wire bytes are carrier_wire_bytes's, whole."""
+    from procorch._payload import call_wire, carrier_wire_bytes, inline_wire
+
+    call = (identity, (os.urandom(2 * 2**20),), {})
+    wire = call_wire("call-3", "identity", call)
+    assert len(wire) < 4096
+    assert inline_wire(wire) == carrier_wire_bytes("call-3", "identity", call)
+    small = call_wire("call-4", "identity", (identity, (b"x",), {}))
+    assert inline_wire(small) is small
+    assert small == carrier_wire_bytes("call-4", "identity", (identity, (b"x",), {}))
+
+
+def test_a_large_call_killed_mid_transfer_is_sent_again_on_retry(tmp_path: Path) -> None:
+    """With a retry policy, the call is pickled into a fresh lane's inbox as attempt 2."""
+    blob = os.urandom(20 * 2**20)
+    flag = str(tmp_path / "killed-once")
+    with ProcessPool(
+        1, retry=procorch.RetryPolicy(attempts=2, backoff=0.0, on=frozenset({"crash"}))
+    ) as pool:
+        assert pool.submit(len, [KillOnceOnUnpickle(flag), blob]).result(timeout=120) == 2
+        assert os.path.exists(flag)

@@ -55,3 +55,33 @@ def test_tampering_steps_among_many_never_shift_an_outcome() -> None:
         if isinstance(event, StepStarted):
             starts[event.index] = starts.get(event.index, 0) + 1
     assert all(count == 1 for count in starts.values())  # no innocent ran twice
+
+
+def test_a_large_result_written_around_its_frame_is_the_frame_msgspec_encodes() -> None:
+    """done_parts writes a large bytes result beside its frame: the same bytes, joined."""
+    from procorch import StepOutcome
+    from procorch._protocol import LARGE_FRAME, frame_parts
+    from procorch._worker import done_frame, done_parts
+
+    step_spec = spec("s1")
+    for structured in (b"r" * (LARGE_FRAME + 1), b"small", {"k": b"r" * (LARGE_FRAME + 1)}):
+        outcome = StepOutcome("s1", "s", "ok", "out", True, structured)
+        parts = done_parts(step_spec, 3, 1, outcome, 0.5)
+        assert b"".join(parts) == b"".join(frame_parts(done_frame(step_spec, 3, 1, outcome, 0.5)))
+        if isinstance(structured, bytes) and len(structured) > LARGE_FRAME:
+            assert any(part is structured for part in parts)  # never copied into the frame
+
+
+def test_a_large_result_is_read_as_a_view_only_when_asked() -> None:
+    """decode_large_done: a bytes result is a memoryview into the frame; anything else, None."""
+    from procorch import StepOutcome
+    from procorch._protocol import Done, decode_large_done, encode
+
+    blob = b"v" * 200_000
+    frame = bytearray(encode(Done(4, 2, StepOutcome("t", "s", "a", "o", True, blob), 0.1)))
+    done = decode_large_done(frame)
+    assert done is not None and (done.step, done.attempt) == (4, 2)
+    view = done.outcome.structured
+    assert isinstance(view, memoryview) and view == blob and view.obj is not None
+    other = bytearray(encode(Done(4, 2, StepOutcome("t", "s", "a", "o", True, ["x"] * 9), 0.1)))
+    assert decode_large_done(other) is None
