@@ -60,7 +60,7 @@ from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._payload import CallNotSentError, call_of_this_step, call_wire
+from ._payload import CallNotSentError, call_of_this_step, call_wire, pickled_result
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
 
@@ -158,9 +158,7 @@ class _CallRunner(AgentExecutor):
                 substitute = RuntimeError(f"{type(exc).__name__}: {exc} (it could not be pickled)")
                 payload = cloudpickle.dumps((_rebuild_exception, (substitute, text)))
             return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", False, payload)
-        return StepOutcome(
-            spec.task_id, spec.task_id, spec.agent, "", True, cloudpickle.dumps(result)
-        )
+        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True, pickled_result(result))
 
 
 class _CallFuture(Future[T]):

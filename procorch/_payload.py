@@ -41,6 +41,7 @@ __all__ = [
     "carrier_wire_bytes",
     "inline_wire",
     "payload_of_this_step",
+    "pickled_result",
 ]
 
 
@@ -152,6 +153,39 @@ def call_of_this_step() -> Any:
     if stream is not None:
         return load_call(stream)
     return cloudpickle.loads(payload_of_this_step())
+
+
+class _PieceSink:
+    """Where a result is pickled: the pieces the pickler writes, kept as they are."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self) -> None:
+        self.pieces: list[Any] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.pieces.append(data)  # a fresh frame of the pickler's, or the object's own bytes
+        self.size += size
+        return size
+
+
+def pickled_result(result: object) -> bytes | _worker.ResultPieces:
+    """``result`` cloudpickled: ``bytes``, or on a lane, when large, its pieces unjoined.
+
+    Protocol 5 hands a large ``bytes`` inside the result to the sink as it
+    is, so a lane's worker writes it to its channel without copying it
+    (``_worker.done_parts``). Raises what pickling raises.
+    """
+    sink = _PieceSink()
+    cloudpickle.CloudPickler(sink, protocol=5).dump(result)
+    if sink.size > _LARGE_RESULT and _worker.on_a_lane():
+        return _worker.ResultPieces(sink.pieces, sink.size)
+    return b"".join(sink.pieces)
+
+
+_LARGE_RESULT = 1 << 16  # as _protocol.LARGE_FRAME: a frame written in pieces
 
 
 def payload_of_this_step() -> memoryview:

@@ -439,6 +439,31 @@ _BIN32 = struct.Struct(">BI")  # msgpack bin 32: 0xc6, then the length, big-endi
 _FRAME_LENGTH = struct.Struct("<I")
 
 
+class ResultPieces:
+    """A pickled result as the pieces its pickler wrote, never joined: ``size`` bytes in all.
+
+    ``ProcessPool``'s runner returns one in place of ``bytes`` on a lane when
+    the pickle is large (``_payload.pickled_result``): a large ``bytes``
+    inside the result is one of the pieces, the caller's own object, so the
+    result goes from the step's object to the pipe without a copy.
+    ``done_parts`` writes the pieces in its frame; nothing else may see it.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[Any], size: int) -> None:
+        self.pieces = pieces
+        self.size = size
+
+    def joined(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def on_a_lane() -> bool:
+    """Whether this process is a lane's worker (its Done frames are written by ``done_parts``)."""
+    return _inbox is not None
+
+
 def done_parts(
     spec: AgentStepSpec,
     step: int,
@@ -449,21 +474,29 @@ def done_parts(
 ) -> list[bytes]:
     """The step's ``Done`` frame as pieces to write in order (see ``done_frame``).
 
-    A ``bytes`` result over ``LARGE_FRAME`` (a ProcessPool call's pickled
-    result, say) is one of the pieces, as it is: the frame is encoded with a
-    16-byte mark in its place and written around it, one copy fewer than
-    encoding it into the frame. Never raises.
+    A ``bytes`` result over ``LARGE_FRAME``, or a ``ResultPieces`` (a
+    ProcessPool call's pickled result), is written as it is, between the
+    pieces of the frame: the frame is encoded with a 16-byte mark in its
+    place and written around it, one copy fewer than encoding it into the
+    frame. Never raises.
     """
     structured = outcome.structured
-    if type(structured) is bytes and LARGE_FRAME < len(structured) < 2**32 - 2**16:
+    pieces = None
+    if type(structured) is ResultPieces:
+        pieces, length = structured.pieces, structured.size
+    elif type(structured) is bytes:
+        pieces, length = [structured], len(structured)
+    if pieces is not None and LARGE_FRAME < length < 2**32 - 2**16:
         marked = msgspec.structs.replace(outcome, structured=_SPLICE_MARK[2:])
         head = done_frame(spec, step, attempt, marked, duration, usage)
         at = head.find(_SPLICE_MARK)
         if at >= 0 and head.find(_SPLICE_MARK, at + 1) < 0:  # else: replaced by a failure
-            before = head[:at] + _BIN32.pack(0xC6, len(structured))
+            before = head[:at] + _BIN32.pack(0xC6, length)
             after = head[at + len(_SPLICE_MARK) :]
-            size = len(before) + len(structured) + len(after)
-            return [_FRAME_LENGTH.pack(size) + before, structured, after]
+            size = len(before) + length + len(after)
+            return [_FRAME_LENGTH.pack(size) + before, *pieces, after]
+    if type(structured) is ResultPieces:
+        outcome = msgspec.structs.replace(outcome, structured=structured.joined())
     return frame_parts(done_frame(spec, step, attempt, outcome, duration, usage))
 
 
