@@ -492,6 +492,20 @@ def test_a_worker_killed_while_a_large_call_arrives_fails_that_call_alone() -> N
         assert before.result(timeout=120) == len(blob)
         assert [future.result(timeout=120) for future in after] == [len(blob), len(blob), 16]
         assert pool.submit(len, blob).result(timeout=120) == len(blob)
+    procorch.shutdown()  # every lane closed: no inbox writer may be left blocked on a dead pipe
+    assert _no_inbox_writer_within(30.0)
+
+
+def _no_inbox_writer_within(seconds: float) -> bool:
+    import threading
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(t.name == "procorch-inbox-writer" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_a_worker_killed_while_writing_a_large_result_fails_that_call_alone() -> None:
