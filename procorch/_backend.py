@@ -8,6 +8,7 @@ The lifecycle drives a backend with the methods of :class:`StepBackend`, in
 turns::
 
     open(steps, slots)          once, before the first turn
+    warm_up(timeout)            optional (ProcessPool): start every worker now
     start_ready()               take queued steps (steps.take(n)) and send them
     wait_handles(), next_wakeup()
                                 what the lifecycle's wait() should also watch
@@ -55,6 +56,10 @@ class StepBackend(Protocol):
     """Guards (``Guards`` keys) this backend can enforce; others are refused up front."""
 
     def open(self, steps: StepLifecycle, slots: int) -> None: ...
+
+    def warm_up(self, timeout: float) -> None:
+        """Start the workers now and wait (up to ``timeout``) until none needs a new thread."""
+        ...
 
     def start_ready(self) -> None: ...
 

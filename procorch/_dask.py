@@ -526,6 +526,9 @@ class _DaskSteps:
         )
         self._listener.start()
 
+    def warm_up(self, timeout: float) -> None:
+        """Nothing to do: the client's threads run already, and the cluster's workers too."""
+
     def start_ready(self) -> None:
         steps = self._steps()
         free = self.slots - len(self.tasks)

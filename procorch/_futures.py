@@ -206,6 +206,12 @@ class _WorkItem:
         self.timeout = timeout
 
 
+# How long the first submit waits for the pool's workers to start. Past it
+# the calls go on, and the first chunk sent to a worker not ready by then
+# meets the lifecycle's usual checks (a wedged worker is killed and replaced).
+_WARM_UP_SECONDS = 30.0
+
+
 def _finish_at_exit(pool_ref: weakref.ref[ProcessPool], pid: int) -> None:
     """Before the interpreter exits, a pool left open finishes what was submitted.
 
@@ -357,6 +363,9 @@ class ProcessPool(Executor):
         try:
             try:
                 dispatch.open(self._max_workers)
+                # Before the first submit returns: the calls the exit hook
+                # finishes must need no new thread (Python 3.12 starts none then).
+                dispatch.backend.warm_up(_WARM_UP_SECONDS)
                 self._take_pending()
                 dispatch.backend.start_ready()
                 with contextlib.suppress(RuntimeError):  # the interpreter is already exiting

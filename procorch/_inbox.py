@@ -138,19 +138,24 @@ class InboxWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
 
+    def start(self) -> None:
+        """Start the thread now, if it is not running (RuntimeError where no thread may start:
+        Python 3.12 at interpreter exit)."""
+        if self._thread is not None or self._closed:
+            return
+        thread = threading.Thread(target=self._serve, name="procorch-inbox-writer", daemon=True)
+        thread.start()
+        self._thread = thread
+        with contextlib.suppress(ImportError, OSError):
+            import fcntl
+
+            fcntl.fcntl(self._fd, 1031, _INBOX_PIPE_BYTES)  # F_SETPIPE_SZ
+
     def send(self, step: int, attempt: int, call: object) -> None:
         """Queue ``call`` for the worker's step ``(step, attempt)``, after those queued before."""
         if self._closed:
             return
-        if self._thread is None:
-            with contextlib.suppress(ImportError, OSError):
-                import fcntl
-
-                fcntl.fcntl(self._fd, 1031, _INBOX_PIPE_BYTES)  # F_SETPIPE_SZ
-            self._thread = threading.Thread(
-                target=self._serve, name="procorch-inbox-writer", daemon=True
-            )
-            self._thread.start()
+        self.start()
         self._queue.put((step, attempt, call))
 
     def close(self) -> None:

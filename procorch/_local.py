@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import sys
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,10 @@ _QUEUE_BEHIND_BELOW = 0.01
 # be taken back, and a step queued behind a one-second step waits a second
 # while another lane may be idle, for a gain of under 0.1 %.
 _QUEUE_LAST_BELOW = 0.1
+
+# Python 3.12.0 to 3.12.2 refuse to start a thread once the interpreter
+# exits (CPython gh-113964, gh-115533); taken as all of 3.12, to be safe.
+_NO_THREADS_AT_EXIT = sys.version_info[:2] == (3, 12)
 
 # How long a lane may hold steps without starting any before it is taken for
 # frozen (SIGSTOPped, wedged) and killed; its steps run elsewhere, uncharged.
@@ -203,6 +208,23 @@ class LocalBackend:
     def open(self, steps: StepLifecycle, slots: int) -> None:
         self.steps = steps
         self.works = [_LaneWork(lane) for lane in _engine.acquire(slots, steps.wake)]
+
+    def warm_up(self, timeout: float) -> None:
+        """Start every lane's worker now, and wait until none needs a new thread to take work.
+
+        ``ProcessPool`` calls this before its first ``submit`` returns, so the
+        calls it finishes from its exit hook need no thread (see
+        ``_Lane.warm_up``). A worker that is not ready within ``timeout``
+        seconds is left to the usual checks of the first chunk sent to it.
+        Elsewhere threads may start at exit, and the lanes start in the
+        background (``_start_workers``) while the first calls run.
+        """
+        if not _NO_THREADS_AT_EXIT:
+            return
+        for work in self.works:
+            work.lane._wait_started()
+        futures = [work.lane.warm_up() for work in self.works]
+        concurrent.futures.wait([f for f in futures if f is not None], timeout=timeout)
 
     def start_ready(self) -> None:
         steps = self._steps()

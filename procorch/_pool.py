@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -98,6 +99,7 @@ class _Lane:
         # Called by the starter once done: the wake-up of the call that holds
         # the lane now (an idle lane may still be starting when a call takes it).
         self.on_started: Callable[[], object] | None = None
+        self._warm = False  # its executor has run a call: every thread of it runs (warm_up)
 
     def _setup(self) -> Any:
         """The lane's cgroup and its single-worker loky executor, made once; call under the lock."""
@@ -154,9 +156,24 @@ class _Lane:
                 (step, attempt, Apart(bytes(wire)) if type(wire) is ApartWire else wire)
                 for step, attempt, wire in chunk
             ]
-        future: Future[None] = pool.submit(
-            _worker.run_steps, token, shipped, sent, capture, retire_above, sandbox, measure
-        )
+            self.inbox.start()  # before the chunk: a thread refused at exit sends nothing
+        try:
+            future: Future[None] = pool.submit(
+                _worker.run_steps, token, shipped, sent, capture, retire_above, sandbox, measure
+            )
+        except RuntimeError as exc:
+            if "can't create new thread" not in str(exc):
+                raise
+            # Python 3.12, exiting: the worker was forked, its manager thread refused.
+            with self._lock:
+                workers = list(self._pool._processes.values()) if self._pool else []
+            for worker in workers:  # just forked: it may not lead its process group yet
+                worker.kill()
+            raise RuntimeError(
+                "no worker could be started to replace one that was lost: the interpreter "
+                f"is exiting, and Python {sys.version_info[0]}.{sys.version_info[1]} starts "
+                "no new thread then"
+            ) from exc
         for step, attempt, wire in apart:  # the worker reads each after its Started
             self.inbox.send(step, attempt, wire.call)  # type: ignore[attr-defined]
         self.executor_token = token
@@ -178,6 +195,32 @@ class _Lane:
         except Exception:
             return
         self._adopt_worker()
+
+    def warm_up(self) -> Future[object] | None:
+        """Have the worker run a no-op call, once, so every thread its executor needs runs.
+
+        loky starts the executor's manager thread at the first submit and the
+        call queue's feeder thread when the manager forwards the first call.
+        Python 3.12 lets no thread start once the interpreter has begun to
+        exit, so a lane that ``ProcessPool`` may still use from its exit hook
+        must have both before then. The future is done once they run; None
+        when the lane is warm already, or broken (its first submit says why).
+        """
+        with self._lock:
+            if self._warm:
+                return None
+            pool = self._setup()
+        try:
+            future: Future[object] = pool.submit(os.getpid)
+        except Exception:
+            return None
+        self._adopt_worker()
+        future.add_done_callback(self._note_warm)
+        return future
+
+    def _note_warm(self, future: Future[object]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._warm = True
 
     def _adopt_worker(self) -> None:
         """Once the worker runs: keep its process, and drop our copies of its pipes' ends."""
@@ -280,10 +323,13 @@ class _Lane:
                 self._process.join(timeout=1.0)
         if self._pool is not None:
             manager = self._pool._executor_manager_thread
-            self._pool.shutdown(wait=True, kill_workers=kill)
+            # A manager thread that never started (Python 3.12 refuses new
+            # threads once the interpreter exits) cannot be joined.
+            started = manager is None or manager.ident is not None
+            self._pool.shutdown(wait=started, kill_workers=kill)
             if manager is None:
                 manager = self._stopping  # asked to stop earlier (stop_soon): its manager
-            if manager is not None:
+            if manager is not None and manager.ident is not None:
                 manager.join()
         self._kill_group()  # whatever a step left running
         if self.cgroup is not None:
@@ -329,6 +375,7 @@ class _Engine:
                 _sweep_stale_scratch()
                 self._scratch = tempfile.mkdtemp(prefix=f"procorch-{os.getpid()}-")
             path = os.path.join(self._scratch, f"lane-{next(self._lane_numbers)}.out")
+        _register_loky_exit_hook()  # here, in the caller's thread, before a pool's own
         lane = _Lane(path)
         if set_up:
             with lane._lock:
@@ -370,12 +417,18 @@ class _Engine:
             self._wake_reaper()
 
     def _wake_reaper(self) -> None:
-        """Start the reaper thread if need be, and make it look again (lock held)."""
+        """Start the reaper thread if need be, and make it look again (lock held).
+
+        When the interpreter is exiting, Python 3.12 refuses to start it: the
+        lanes then wait for ``shutdown``, which the exit hook runs next.
+        """
         if self._reaper is None:
-            self._reaper = threading.Thread(
-                target=self._reap, name="procorch-idle-workers", daemon=True
-            )
-            self._reaper.start()
+            reaper = threading.Thread(target=self._reap, name="procorch-idle-workers", daemon=True)
+            try:
+                reaper.start()
+            except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                return
+            self._reaper = reaper
         self._changed.notify()
 
     def _reap(self) -> None:
@@ -415,6 +468,36 @@ class _Engine:
         stop_server()
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+_loky_hook_lock = threading.Lock()
+
+
+def _register_loky_exit_hook() -> None:
+    """Register loky's exit hook once, before any lane starts (so it runs after every pool's).
+
+    loky registers its hook (which stops every executor's manager thread)
+    when an executor starts its manager thread, meaning to do it once, but
+    it keeps the return value of ``threading._register_atexit`` (None) as
+    the sign that it did, so every new executor registers it again. Those
+    hooks run last-registered first: a lane started after a ``ProcessPool``
+    registered its own exit hook would stop every lane before the pool
+    finished its pending calls, and a lane started while the interpreter
+    exits (to replace a crashed worker) could not register it and failed.
+    Registered here once, and marked as registered for loky.
+    """
+    executor_module = loky.process_executor
+    with _loky_hook_lock:
+        if getattr(executor_module, "process_pool_executor_at_exit", False) is not None:
+            return  # registered (or a loky that keeps its own record)
+        hook = getattr(executor_module, "_python_exit", None)
+        if hook is None:
+            return
+        try:
+            threading._register_atexit(hook)  # type: ignore[attr-defined]
+        except RuntimeError:  # the interpreter is exiting: loky's own try fails the same way
+            return
+        executor_module.process_pool_executor_at_exit = True
 
 
 def _retire(lane: _Lane) -> None:
