@@ -156,7 +156,14 @@ class _Lane:
                 (step, attempt, Apart(bytes(wire)) if type(wire) is ApartWire else wire)
                 for step, attempt, wire in chunk
             ]
-            self.inbox.start()  # before the chunk: a thread refused at exit sends nothing
+            try:
+                self.inbox.start()  # before the chunk: a thread refused at exit sends nothing
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    "a call over 1 MiB could not be sent: its lane's writer thread could not "
+                    f"start ({exc}); the interpreter is exiting, and Python "
+                    f"{sys.version_info[0]}.{sys.version_info[1]} starts no new thread then"
+                ) from exc
         try:
             future: Future[None] = pool.submit(
                 _worker.run_steps, token, shipped, sent, capture, retire_above, sandbox, measure
