@@ -97,6 +97,7 @@ import msgspec
 
 from . import _messages
 from ._backend import StepBackend, StopFacts
+from ._inbox import ApartWire
 from ._model import StepError
 from ._options import CallOptions
 from ._protocol import Done, Progress, decode_frame, progress_frame
@@ -358,6 +359,15 @@ class _DaskSink:
     def close(self) -> None:
         with self._lock:
             self._open = False
+
+
+def _inline(data: bytes) -> bytes:
+    """Wire bytes with their call inside: a Dask worker has no inbox (see ``_inbox``)."""
+    if isinstance(data, ApartWire):  # a large ProcessPool call
+        from ._payload import inline_wire
+
+        return inline_wire(data)
+    return data
 
 
 def _run_on_worker(
@@ -653,7 +663,7 @@ class _DaskSteps:
             _run_on_worker,
             self.token,
             self._executor,
-            steps.data(index),
+            _inline(steps.data(index)),
             index,
             attempt,
             key,

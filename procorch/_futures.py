@@ -33,8 +33,10 @@ Data flow::
 
 Each call travels as a step of a private executor, ``_CallRunner``: the
 callable and its arguments, cloudpickled, go as raw bytes beside the spec
-(``_payload``), and the result or the exception comes back as raw bytes in
-the outcome's ``structured`` field: no base64 either way.
+(``_payload``), or, past 1 MiB, pickled straight into the lane's inbox
+(``_inbox``); the result or the exception comes back as raw bytes in the
+outcome's ``structured`` field, unpickled from the frame it came in: no
+base64 either way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import collections
 import contextlib
 import functools
 import itertools
+import os
 import threading
 import traceback
 import weakref
@@ -57,7 +60,7 @@ from ._call import Guards, check_spec, prepare_call
 from ._events import EventSink
 from ._executor import DEFAULT_MAX_PARALLEL_TASKS, AgentExecutor
 from ._model import AgentStepSpec, StepError, StepOutcome
-from ._payload import carrier_wire_bytes, payload_of_this_step
+from ._payload import CallNotSentError, call_of_this_step, call_wire, pickled_result
 
 __all__ = ["BrokenPoolError", "CallTimeoutError", "ProcessPool", "StepFailedError"]
 
@@ -136,7 +139,12 @@ class _CallRunner(AgentExecutor):
         self.__dict__.update(state, _initialized=False)
 
     def execute_step(self, spec: AgentStepSpec, events: EventSink) -> StepOutcome:
-        fn, args, kwargs = cloudpickle.loads(payload_of_this_step())
+        try:
+            fn, args, kwargs = call_of_this_step()
+        except CallNotSentError as exc:  # changed after submit: it no longer pickles
+            message = f"call {spec.task_id} ({spec.agent}) was not run: {exc}"
+            error = StepError(kind="serialization", message=message, exception_type="TypeError")
+            return StepOutcome.failed(spec.task_id, spec.agent, message, error)
         try:
             if not self._initialized and self.initializer is not None:
                 self._initialized = True
@@ -150,9 +158,7 @@ class _CallRunner(AgentExecutor):
                 substitute = RuntimeError(f"{type(exc).__name__}: {exc} (it could not be pickled)")
                 payload = cloudpickle.dumps((_rebuild_exception, (substitute, text)))
             return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", False, payload)
-        return StepOutcome(
-            spec.task_id, spec.task_id, spec.agent, "", True, cloudpickle.dumps(result)
-        )
+        return StepOutcome(spec.task_id, spec.task_id, spec.agent, "", True, pickled_result(result))
 
 
 class _CallFuture(Future[T]):
@@ -206,10 +212,15 @@ class _WorkItem:
 _WARM_UP_SECONDS = 30.0
 
 
-def _finish_at_exit(pool_ref: weakref.ref[ProcessPool]) -> None:
-    """Before the interpreter exits, a pool left open finishes what was submitted."""
+def _finish_at_exit(pool_ref: weakref.ref[ProcessPool], pid: int) -> None:
+    """Before the interpreter exits, a pool left open finishes what was submitted.
+
+    Only in the process that made the pool: a child forked from it (a
+    ``fork`` multiprocessing pool's worker) inherits the hook, but not the
+    pool's thread, and maybe a lock some thread held at the fork.
+    """
     pool = pool_ref()
-    if pool is not None:
+    if pool is not None and os.getpid() == pid:
         pool.shutdown(wait=True)
 
 
@@ -300,7 +311,7 @@ class ProcessPool(Executor):
         spec = AgentStepSpec(f"call-{number}", name, "", "")
         check_spec(number, spec)  # the name is the caller's: it must be text
         try:
-            data = carrier_wire_bytes(spec.task_id, spec.agent, (fn, args, kwargs))
+            data = call_wire(spec.task_id, spec.agent, (fn, args, kwargs))
         except Exception as exc:
             raise TypeError(f"the call cannot be pickled: {type(exc).__name__}: {exc}") from exc
         future: _CallFuture[T] = _CallFuture(self)
@@ -339,6 +350,9 @@ class ProcessPool(Executor):
     def _ensure_thread(self) -> None:
         if self._thread is None:
             self._dispatch = self._call.dispatch(on_outcome=self._resolve, keep_outcomes=False)
+            if hasattr(self._dispatch.backend, "structured_views"):  # the local lanes
+                # A large result is unpickled from the frame it came in: no copy between.
+                self._dispatch.backend.structured_views = True
             self._thread = threading.Thread(
                 target=self._serve, name="procorch-ProcessPool", daemon=True
             )
@@ -356,7 +370,7 @@ class ProcessPool(Executor):
                 dispatch.backend.start_ready()
                 with contextlib.suppress(RuntimeError):  # the interpreter is already exiting
                     threading._register_atexit(  # type: ignore[attr-defined]
-                        functools.partial(_finish_at_exit, weakref.ref(self))
+                        functools.partial(_finish_at_exit, weakref.ref(self), os.getpid())
                     )
             finally:
                 self._lanes_started.set()

@@ -199,6 +199,9 @@ class LocalBackend:
         idle = options.idle_timeout
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT if idle is None else idle
         self.steps: StepLifecycle | None = None
+        # A large bytes result as a memoryview into the frame it came in, not
+        # a copy: set by ProcessPool, which unpickles its results from there.
+        self.structured_views = False
 
     # -- the seam ----------------------------------------------------------------------
 
@@ -372,7 +375,7 @@ class LocalBackend:
         if work.maybe_returned:
             work.maybe_returned = False  # before looking: a later return sets it again
             returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
-        frames, error = work.lane.frames.read()
+        frames, error = work.lane.frames.read(self.structured_views)
         on_frame = self._on_frame
         for frame in frames:
             problem = on_frame(work, frame)

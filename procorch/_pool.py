@@ -46,6 +46,7 @@ from . import _worker
 from ._capture import read_tail
 from ._containment import LaneCgroup
 from ._context import PACKAGE_DIR, stop_server, worker_context
+from ._inbox import Apart, ApartWire, InboxWriter
 from ._procinfo import tree_pids
 from ._protocol import SOFT_STOP, SOFT_STOP_SIGNAL, FrameReader
 
@@ -71,9 +72,18 @@ class _Lane:
         self._crash_reader, crash_writer = self._context.Pipe(duplex=False)
         # The one pipe the other way: which step a soft time limit is for.
         control_reader, self._control = self._context.Pipe(duplex=False)
+        # And the inbox, where large calls travel beside their chunk (``_inbox``).
+        inbox_reader, inbox_writer = self._context.Pipe(duplex=False)
+        self.inbox = InboxWriter(os.dup(inbox_writer.fileno()))
+        inbox_writer.close()
         # The parent drops its copies of the worker's ends once the worker
         # holds its own, so the worker's death reads as end-of-file.
-        self._writers: tuple[Connection, ...] = (channel_writer, crash_writer, control_reader)
+        self._writers: tuple[Connection, ...] = (
+            channel_writer,
+            crash_writer,
+            control_reader,
+            inbox_reader,
+        )
         self.capture_path = capture_path
         # The lane's cgroup and its executor are made by _setup, in a starter
         # thread (``_start_workers``) or at the first submit.
@@ -98,7 +108,7 @@ class _Lane:
                 self._cgroup_tried = True
                 name = os.path.splitext(os.path.basename(self.capture_path))[0]
                 self.cgroup = LaneCgroup.create(name)
-            channel_writer, crash_writer, control_reader = self._writers
+            channel_writer, crash_writer, control_reader, inbox_reader = self._writers
             self._pool = loky.ProcessPoolExecutor(
                 max_workers=1,
                 context=self._context,
@@ -110,6 +120,7 @@ class _Lane:
                     PACKAGE_DIR,
                     None if self.cgroup is None else self.cgroup.path,
                     control_reader,
+                    inbox_reader,
                 ),
                 timeout=None,
             )
@@ -138,9 +149,24 @@ class _Lane:
         with self._lock:
             pool = self._setup()
         shipped = None if token == self.executor_token else blob
+        apart = [item for item in chunk if type(item[2]) is ApartWire]
+        sent: list[tuple[int, int, bytes | Apart]] = list(chunk)
+        if apart:  # large calls: only their spec goes in the chunk (see _inbox)
+            sent = [
+                (step, attempt, Apart(bytes(wire)) if type(wire) is ApartWire else wire)
+                for step, attempt, wire in chunk
+            ]
+            try:
+                self.inbox.start()  # before the chunk: a thread refused at exit sends nothing
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    "a call over 1 MiB could not be sent: its lane's writer thread could not "
+                    f"start ({exc}); the interpreter is exiting, and Python "
+                    f"{sys.version_info[0]}.{sys.version_info[1]} starts no new thread then"
+                ) from exc
         try:
             future: Future[None] = pool.submit(
-                _worker.run_steps, token, shipped, chunk, capture, retire_above, sandbox, measure
+                _worker.run_steps, token, shipped, sent, capture, retire_above, sandbox, measure
             )
         except RuntimeError as exc:
             if "can't create new thread" not in str(exc):
@@ -155,6 +181,8 @@ class _Lane:
                 f"is exiting, and Python {sys.version_info[0]}.{sys.version_info[1]} starts "
                 "no new thread then"
             ) from exc
+        for step, attempt, wire in apart:  # the worker reads each after its Started
+            self.inbox.send(step, attempt, wire.call)  # type: ignore[attr-defined]
         self.executor_token = token
         self._adopt_worker()  # the first submit started the worker process, if no starter did
         return future
@@ -315,6 +343,7 @@ class _Lane:
             self.cgroup.remove()  # and whatever left the process group or the session
         for conn in (self.channel, self._crash_reader, self._control, *self._writers):
             conn.close()
+        self.inbox.close()  # its thread, if any, ends once the worker is gone
         self._writers = ()
         try:
             os.unlink(self.capture_path)

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from ._messages import safe_text
-from ._model import StepOutcome
+from ._model import StepError, StepOutcome
 from ._usage import StepUsage
 
 
@@ -174,6 +174,55 @@ def pipe_size(fd: int) -> int | None:
 Decode = Any  # a callable taking a buffer and returning a frame
 
 
+class _RawOutcome(msgspec.Struct, omit_defaults=True, gc=False):
+    """``StepOutcome`` with ``structured`` left raw: a view into the frame's buffer."""
+
+    task_id: str
+    session_id: str
+    agent: str
+    output: str
+    success: bool
+    structured: msgspec.Raw = msgspec.Raw(b"")
+    error: StepError | None = None
+
+
+class _RawDone(msgspec.Struct, tag="d", array_like=True, gc=False):
+    step: int
+    attempt: int
+    outcome: _RawOutcome
+    duration: float
+    usage: StepUsage | None = None
+
+
+_decode_raw_done = msgspec.msgpack.Decoder(_RawDone).decode
+_decode_view = msgspec.msgpack.Decoder(memoryview).decode
+_decode_any = msgspec.msgpack.Decoder().decode
+_DONE_TAG = b"\xa1d"  # a Done frame's first field, after its array header
+_BIN = frozenset({0xC4, 0xC5, 0xC6})  # msgpack bin 8, 16, 32
+
+
+def decode_large_done(buffer: bytearray) -> Done | None:
+    """A large frame that is a ``Done`` whose result is ``bytes``, with that result a
+    ``memoryview`` into ``buffer`` (no copy); None for any other frame.
+
+    For ``ProcessPool``, which unpickles its calls' results straight from the
+    frame (see ``FrameReader.read``). Raises what decoding raises.
+    """
+    if buffer[1:3] != _DONE_TAG:
+        return None
+    frame = _decode_raw_done(buffer)
+    raw = frame.outcome.structured
+    with memoryview(raw) as view:
+        if not view or view[0] not in _BIN:
+            return None
+    got = frame.outcome
+    structured = _decode_view(raw)
+    outcome = StepOutcome(
+        got.task_id, got.session_id, got.agent, got.output, got.success, structured, got.error
+    )
+    return Done(frame.step, frame.attempt, outcome, frame.duration, frame.usage)
+
+
 class FrameReader:
     """Reads whole frames from a pipe without ever blocking, and decodes them.
 
@@ -203,11 +252,13 @@ class FrameReader:
         """Whether the pipe is larger than its 8 KiB right now (a large frame in flight)."""
         return self._grown
 
-    def read(self) -> tuple[list[Any], Exception | None]:
+    def read(self, views: bool = False) -> tuple[list[Any], Exception | None]:
         """The complete frames available now, decoded, in order; and a decode error, if any.
 
         Frames after one that cannot be decoded are not read: the channel
-        cannot be trusted past it.
+        cannot be trusted past it. With ``views``, a large frame's ``bytes``
+        result is a ``memoryview`` into the buffer the frame was read into,
+        not a copy of it (``decode_large_done``).
         """
         frames: list[Any] = []
         fd = self._fd
@@ -225,7 +276,8 @@ class FrameReader:
                     self._filled += count
                     if self._filled == len(large):
                         self._large = None
-                        frames.append(self._decode(large))
+                        done = decode_large_done(large) if views else None
+                        frames.append(self._decode(large) if done is None else done)
                     continue
                 try:
                     chunk = os.read(fd, _READ_SIZE)

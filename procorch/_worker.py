@@ -21,6 +21,7 @@ import faulthandler
 import inspect
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -39,10 +40,12 @@ from ._capture import read_tail
 from ._containment import StepContainment
 from ._context import PACKAGE_DIR, prepare_worker
 from ._errors import StepTimeout
+from ._inbox import Apart, InboxStream, open_stream
 from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
 from ._protocol import (
+    LARGE_FRAME,
     SOFT_STOP,
     SOFT_STOP_SIGNAL,
     Done,
@@ -70,6 +73,7 @@ _saved_std_fds: tuple[int, int] | None = None  # fds 1 and 2 from before capture
 _capture_path: str = ""
 _containment: StepContainment | None = None  # set by _init
 _control: Connection | None = None  # the parent's soft time limits arrive here
+_inbox: Connection | None = None  # large calls arrive here, beside their chunk (see _inbox)
 _current: tuple[int, int] | None = None  # (step, attempt) while the executor runs it
 _running: tuple[int, int] | None = None  # (step, attempt) of the step run_steps is on
 _raised: BaseException | None = None  # what the current step raised, if anything
@@ -98,6 +102,13 @@ def take_step_bytes() -> bytes:
     return data
 
 
+def take_step_stream() -> InboxStream | None:
+    """The inbox stream of the step this thread runs, if its call travels apart (once)."""
+    stream: InboxStream | None = getattr(_step_wire, "stream", None)
+    _step_wire.stream = None
+    return stream
+
+
 def _init(
     channel: Connection,
     crash_channel: Connection,
@@ -105,8 +116,9 @@ def _init(
     package_dir: str,
     cgroup_path: str | None,
     control: Connection,
+    inbox: Connection | None = None,
 ) -> None:
-    global _channel, _crash_channel, _capture_path, _containment, _control
+    global _channel, _crash_channel, _capture_path, _containment, _control, _inbox
     if os.path.realpath(package_dir) != os.path.realpath(PACKAGE_DIR):
         # Another procorch than the caller's would speak another protocol.
         os.write(
@@ -126,6 +138,7 @@ def _init(
     faulthandler.enable(file=crash_channel.fileno(), all_threads=False)
     _containment = StepContainment(cgroup_path)
     _control = control
+    _inbox = inbox
     os.set_blocking(control.fileno(), False)
     signal.signal(SOFT_STOP_SIGNAL, _on_soft_stop)
 
@@ -418,6 +431,75 @@ def done_frame(
     return encode(Done(step, attempt, problem, duration, usage))
 
 
+# Where a large bytes result goes in its Done frame: the frame is encoded around
+# this mark (msgpack bin 8 of 16 bytes), then written as pieces with the result
+# in the middle, so the result is never copied into the frame.
+_SPLICE_MARK = b"\xc4\x10procorch-splice\0"
+_BIN32 = struct.Struct(">BI")  # msgpack bin 32: 0xc6, then the length, big-endian
+_FRAME_LENGTH = struct.Struct("<I")
+
+
+class ResultPieces:
+    """A pickled result as the pieces its pickler wrote, never joined: ``size`` bytes in all.
+
+    ``ProcessPool``'s runner returns one in place of ``bytes`` on a lane when
+    the pickle is large (``_payload.pickled_result``): a large ``bytes``
+    inside the result is one of the pieces, the caller's own object, so the
+    result goes from the step's object to the pipe without a copy.
+    ``done_parts`` writes the pieces in its frame; nothing else may see it.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[Any], size: int) -> None:
+        self.pieces = pieces
+        self.size = size
+
+    def joined(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def on_a_lane() -> bool:
+    """Whether this process is a lane's worker (its Done frames are written by ``done_parts``)."""
+    return _inbox is not None
+
+
+def done_parts(
+    spec: AgentStepSpec,
+    step: int,
+    attempt: int,
+    outcome: StepOutcome,
+    duration: float,
+    usage: StepUsage | None = None,
+) -> list[bytes]:
+    """The step's ``Done`` frame as pieces to write in order (see ``done_frame``).
+
+    A ``bytes`` result over ``LARGE_FRAME``, or a ``ResultPieces`` (a
+    ProcessPool call's pickled result), is written as it is, between the
+    pieces of the frame: the frame is encoded with a 16-byte mark in its
+    place and written around it, one copy fewer than encoding it into the
+    frame. Never raises.
+    """
+    structured = outcome.structured
+    pieces = None
+    if type(structured) is ResultPieces:
+        pieces, length = structured.pieces, structured.size
+    elif type(structured) is bytes:
+        pieces, length = [structured], len(structured)
+    if pieces is not None and LARGE_FRAME < length < 2**32 - 2**16:
+        marked = msgspec.structs.replace(outcome, structured=_SPLICE_MARK[2:])
+        head = done_frame(spec, step, attempt, marked, duration, usage)
+        at = head.find(_SPLICE_MARK)
+        if at >= 0 and head.find(_SPLICE_MARK, at + 1) < 0:  # else: replaced by a failure
+            before = head[:at] + _BIN32.pack(0xC6, length)
+            after = head[at + len(_SPLICE_MARK) :]
+            size = len(before) + length + len(after)
+            return [_FRAME_LENGTH.pack(size) + before, *pieces, after]
+    if type(structured) is ResultPieces:
+        outcome = msgspec.structs.replace(outcome, structured=structured.joined())
+    return frame_parts(done_frame(spec, step, attempt, outcome, duration, usage))
+
+
 def _unsendable(spec: AgentStepSpec, outcome: StepOutcome, exc: BaseException) -> StepOutcome:
     try:
         message = _messages.unsendable_outcome(spec, _unsendable_field(outcome), exc)
@@ -459,7 +541,7 @@ def run_step(
 def run_steps(
     token: str,
     blob: bytes | None,
-    chunk: Sequence[tuple[int, int, bytes]],
+    chunk: Sequence[tuple[int, int, bytes | Apart]],
     capture: bool,
     retire_above: int | None,
     sandbox: Sandbox | None = None,
@@ -525,14 +607,20 @@ def _run_one(
     blob: bytes | None,
     step: int,
     attempt: int,
-    spec_bytes: bytes,
+    spec_bytes: bytes | Apart,
     capture: bool,
     sandbox: Sandbox | None,
     unsent: list[bytes],
     measure: bool = True,
 ) -> None:
     global _raised, _running, _meter
-    spec = _decode_spec(spec_bytes)
+    stream = None
+    if type(spec_bytes) is Apart:  # its call comes on the inbox, after our Started
+        stream = _step_wire.stream = open_stream(
+            None if _inbox is None else _inbox.fileno(), step, attempt
+        )
+        spec_bytes = spec_bytes.spec
+    spec = _decode_spec(spec_bytes)  # type: ignore[arg-type]
     sink = _ChannelSink(step, attempt)
     _running = (step, attempt)
     _raised = None
@@ -545,6 +633,9 @@ def _run_one(
     else:
         outcome, duration = _run_jailed(spec, token, blob, sink, sandbox)
     _raised = None
+    if stream is not None:
+        _step_wire.stream = None
+        stream.finish()  # what the step left unread: the next stream starts after it
     assert _containment is not None
     _containment.clean_up()  # nothing the step started outlives it
     # After the clean-up: the children it reaped count as the step's.
@@ -552,7 +643,7 @@ def _run_one(
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.extend(frame_parts(done_frame(spec, step, attempt, outcome, duration, usage)))
+    unsent.extend(done_parts(spec, step, attempt, outcome, duration, usage))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:

@@ -998,3 +998,44 @@ class HotPathExecutor(AgentExecutor):
         elif agent == "length":
             return StepOutcome(spec.task_id, "s", agent, str(len(spec.prompt)), True)
         return ok_outcome(spec, structured={"pid": os.getpid()})
+
+
+class KillOnUnpickle:
+    """Unpickled in a worker, SIGKILLs it: put first in a large call, it dies mid-transfer."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _kill_this_process, ()
+
+
+def _kill_this_process() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def large_result_cut_by_sigkill(size: int) -> bytes:
+    """Returns ``size`` bytes; its worker SIGKILLs itself once half its Done frame is written."""
+    from procorch import _protocol, _worker
+
+    def write_half_then_die(fd: int, parts: list[bytes]) -> None:
+        whole = b"".join(parts)
+        _protocol.write_all(fd, whole[: len(whole) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _worker.write_parts = write_half_then_die  # type: ignore[assignment]
+    return b"r" * size
+
+
+class KillOnceOnUnpickle:
+    """Like KillOnUnpickle, but only where ``flag`` does not exist yet (it creates it)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _kill_this_process_once, (self.flag,)
+
+
+def _kill_this_process_once(flag: str) -> str:
+    if not os.path.exists(flag):
+        Path(flag).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return flag

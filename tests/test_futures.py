@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    KillOnceOnUnpickle,
+    KillOnUnpickle,
     crash_on,
     crash_or_pid,
     gone,
     identity,
     initialized_with,
     interval,
+    large_result_cut_by_sigkill,
     pid_and_initargs,
     pid_of,
     raise_value_error,
@@ -407,7 +410,7 @@ def test_large_arguments_and_results_round_trip_byte_exact() -> None:
 
 def test_arguments_travel_as_raw_bytes_not_base64() -> None:
     """A queued call's wire bytes are its pickled arguments plus a little, not base64 text."""
-    blob = os.urandom(4 * 2**20)
+    blob = os.urandom(512 * 1024)
     with ProcessPool(1) as pool:
         hung = pool.submit(sleep_then, 0, 3600)
         try:
@@ -419,6 +422,49 @@ def test_arguments_travel_as_raw_bytes_not_base64() -> None:
         finally:
             hung.cancel()
         assert queued.result(timeout=60) == len(blob)
+
+
+def test_a_large_call_is_kept_unpickled_until_it_is_sent() -> None:
+    """Past 1 MiB the parent holds the call itself, not a pickled copy; it arrives intact."""
+    blob = os.urandom(4 * 2**20)
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            queued = pool.submit(identity, blob)
+            with pool._lock:
+                (item,) = [item for item in pool._pending if item.future is queued]
+            assert len(item.data) < 4096  # the spec alone: the call travels apart
+            fn, args, kwargs = item.data.call
+            assert fn is identity and args[0] is blob and kwargs == {}
+        finally:
+            hung.cancel()
+        assert queued.result(timeout=60) == blob
+
+
+def test_a_large_call_changed_after_submit_fails_alone_as_serialization() -> None:
+    """A large call that no longer pickles when it is sent fails its own future, in words."""
+    blob = os.urandom(2 * 2**20)
+    box: list[object] = [blob]
+    with ProcessPool(1) as pool:
+        hung = pool.submit(sleep_then, 0, 3600)
+        try:
+            changed = pool.submit(len, box)
+            box.append(lambda_in_a_lock())  # unpicklable, added while the call waits
+            after = pool.submit(len, blob)
+        finally:
+            hung.cancel()
+        with pytest.raises(StepFailedError, match="could not be pickled when it was sent") as info:
+            changed.result(timeout=60)
+        assert info.value.error is not None and info.value.error.kind == "serialization"
+        assert after.result(timeout=60) == len(blob)
+        assert pool.submit(len, box[:1]).result(timeout=60) == 1
+
+
+def lambda_in_a_lock() -> object:
+    """Something no pickler can carry."""
+    import threading
+
+    return threading.Lock()
 
 
 def test_max_tasks_per_child_gives_a_fresh_worker_every_n_calls() -> None:
@@ -496,3 +542,108 @@ def test_wire_bytes_of_a_call_are_what_msgspec_would_encode() -> None:
     expected = CarrierSpec("call-7", "identity", "", "", payload=cloudpickle.dumps(call))
     assert wire == msgspec.msgpack.encode(expected)
     assert msgspec.msgpack.decode(wire, type=procorch.AgentStepSpec).task_id == "call-7"
+
+
+def test_a_worker_killed_while_a_large_call_arrives_fails_that_call_alone() -> None:
+    """SIGKILLed mid-transfer of a 50 MiB call: that future is a crash; the others complete."""
+    blob = os.urandom(50 * 2**20)
+    with ProcessPool(2) as pool:
+        before = pool.submit(len, blob)
+        killed = pool.submit(len, [KillOnUnpickle(), blob])  # dies with most of it unread
+        after = [pool.submit(len, blob) for _ in range(2)] + [pool.submit(square, 4)]
+        with pytest.raises(StepFailedError, match="SIGKILL") as caught:
+            killed.result(timeout=120)
+        assert caught.value.error is not None and caught.value.error.kind == "crash"
+        assert caught.value.outcome.task_id == "call-1"
+        assert before.result(timeout=120) == len(blob)
+        assert [future.result(timeout=120) for future in after] == [len(blob), len(blob), 16]
+        assert pool.submit(len, blob).result(timeout=120) == len(blob)
+    procorch.shutdown()  # every lane closed: no inbox writer may be left blocked on a dead pipe
+    assert _no_inbox_writer_within(30.0)
+
+
+def _no_inbox_writer_within(seconds: float) -> bool:
+    import threading
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(t.name == "procorch-inbox-writer" for t in threading.enumerate()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_worker_killed_while_writing_a_large_result_fails_that_call_alone() -> None:
+    """SIGKILLed halfway through writing a 50 MiB result: that future is a crash, alone."""
+    with ProcessPool(2) as pool:
+        cut = pool.submit(large_result_cut_by_sigkill, 50 * 2**20)
+        others = [pool.submit(identity, b"k" * (3 * 2**20)) for _ in range(3)]
+        with pytest.raises(StepFailedError, match="SIGKILL") as caught:
+            cut.result(timeout=120)
+        assert caught.value.error is not None and caught.value.error.kind == "crash"
+        assert caught.value.outcome.task_id == "call-0"
+        assert [future.result(timeout=120) for future in others] == [b"k" * (3 * 2**20)] * 3
+
+
+def test_an_inbox_stream_naming_another_step_is_a_protocol_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large call whose stream names another attempt fails that call, in words; others go on."""
+    from procorch import _inbox
+
+    real_send = _inbox.InboxWriter.send
+    blob = os.urandom(2 * 2**20)
+
+    def mislabelled(self: _inbox.InboxWriter, step: int, attempt: int, call: object) -> None:
+        fn = call[0]  # type: ignore[index]
+        real_send(self, step, attempt + 1 if fn is identity else attempt, call)
+
+    monkeypatch.setattr(_inbox.InboxWriter, "send", mislabelled)
+    with ProcessPool(1) as pool:
+        wrong = pool.submit(identity, blob)
+        with pytest.raises(StepFailedError, match="is for step 0 attempt 2, not step 0 attempt 1"):
+            wrong.result(timeout=60)
+        assert pool.submit(len, blob).result(timeout=60) == len(blob)
+
+
+def test_a_forked_child_does_not_run_the_pools_exit_hook() -> None:
+    """A child forked while a pool's lock is held exits: the parent's exit hook is not its own."""
+    import multiprocessing
+
+    with ProcessPool(1) as pool:
+        assert pool.submit(square, 2).result(timeout=60) == 4
+        with pool._dispatch._wake._lock:  # held at the fork: the child's copy is never released
+            child = multiprocessing.get_context("fork").Process(target=square, args=(3,))
+            child.start()
+        child.join(timeout=30)
+        try:
+            assert child.exitcode == 0
+        finally:
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+
+
+def test_a_large_call_sent_to_dask_carries_its_call_inline() -> None:
+    """Without inboxes (Dask), a large call's wire bytes are carrier_wire_bytes's, whole."""
+    from procorch._payload import call_wire, carrier_wire_bytes, inline_wire
+
+    call = (identity, (os.urandom(2 * 2**20),), {})
+    wire = call_wire("call-3", "identity", call)
+    assert len(wire) < 4096
+    assert inline_wire(wire) == carrier_wire_bytes("call-3", "identity", call)
+    small = call_wire("call-4", "identity", (identity, (b"x",), {}))
+    assert inline_wire(small) is small
+    assert small == carrier_wire_bytes("call-4", "identity", (identity, (b"x",), {}))
+
+
+def test_a_large_call_killed_mid_transfer_is_sent_again_on_retry(tmp_path: Path) -> None:
+    """With a retry policy, the call is pickled into a fresh lane's inbox as attempt 2."""
+    blob = os.urandom(20 * 2**20)
+    flag = str(tmp_path / "killed-once")
+    with ProcessPool(
+        1, retry=procorch.RetryPolicy(attempts=2, backoff=0.0, on=frozenset({"crash"}))
+    ) as pool:
+        assert pool.submit(len, [KillOnceOnUnpickle(flag), blob]).result(timeout=120) == 2
+        assert os.path.exists(flag)

@@ -55,3 +55,62 @@ def test_tampering_steps_among_many_never_shift_an_outcome() -> None:
         if isinstance(event, StepStarted):
             starts[event.index] = starts.get(event.index, 0) + 1
     assert all(count == 1 for count in starts.values())  # no innocent ran twice
+
+
+def test_a_large_result_written_around_its_frame_is_the_frame_msgspec_encodes() -> None:
+    """done_parts writes a large bytes result beside its frame: the same bytes, joined."""
+    from procorch import StepOutcome
+    from procorch._protocol import LARGE_FRAME, frame_parts
+    from procorch._worker import done_frame, done_parts
+
+    step_spec = spec("s1")
+    for structured in (b"r" * (LARGE_FRAME + 1), b"small", {"k": b"r" * (LARGE_FRAME + 1)}):
+        outcome = StepOutcome("s1", "s", "ok", "out", True, structured)
+        parts = done_parts(step_spec, 3, 1, outcome, 0.5)
+        assert b"".join(parts) == b"".join(frame_parts(done_frame(step_spec, 3, 1, outcome, 0.5)))
+        if isinstance(structured, bytes) and len(structured) > LARGE_FRAME:
+            assert any(part is structured for part in parts)  # never copied into the frame
+
+
+def test_a_pickled_result_in_pieces_is_written_as_its_joined_bytes() -> None:
+    """ResultPieces (a ProcessPool result on a lane) give the frame of the pickle, unjoined."""
+    import cloudpickle
+
+    from procorch import StepOutcome
+    from procorch._protocol import frame_parts
+    from procorch._worker import ResultPieces, done_frame, done_parts
+
+    step_spec = spec("s1")
+    big = b"q" * 300_000
+    pieces = [b"head", big, b"tail"]
+    outcome = StepOutcome("s1", "s", "ok", "", True, ResultPieces(pieces, 300_008))
+    joined = StepOutcome("s1", "s", "ok", "", True, b"head" + big + b"tail")
+    parts = done_parts(step_spec, 3, 1, outcome, 0.5)
+    assert b"".join(parts) == b"".join(frame_parts(done_frame(step_spec, 3, 1, joined, 0.5)))
+    assert any(part is big for part in parts)
+    small = StepOutcome("s1", "s", "ok", "", True, ResultPieces([b"a", b"b"], 2))
+    parts = done_parts(step_spec, 3, 1, small, 0.5)
+    expected = StepOutcome("s1", "s", "ok", "", True, b"ab")
+    assert b"".join(parts) == b"".join(frame_parts(done_frame(step_spec, 3, 1, expected, 0.5)))
+    result = [big, {"n": 1}]
+    from procorch._payload import _PieceSink
+
+    sink = _PieceSink()
+    cloudpickle.CloudPickler(sink, protocol=5).dump(result)
+    assert any(piece is big for piece in sink.pieces)  # the result's bytes, not a copy
+    assert cloudpickle.loads(b"".join(sink.pieces)) == result
+
+
+def test_a_large_result_is_read_as_a_view_only_when_asked() -> None:
+    """decode_large_done: a bytes result is a memoryview into the frame; anything else, None."""
+    from procorch import StepOutcome
+    from procorch._protocol import Done, decode_large_done, encode
+
+    blob = b"v" * 200_000
+    frame = bytearray(encode(Done(4, 2, StepOutcome("t", "s", "a", "o", True, blob), 0.1)))
+    done = decode_large_done(frame)
+    assert done is not None and (done.step, done.attempt) == (4, 2)
+    view = done.outcome.structured
+    assert isinstance(view, memoryview) and view == blob and view.obj is not None
+    other = bytearray(encode(Done(4, 2, StepOutcome("t", "s", "a", "o", True, ["x"] * 9), 0.1)))
+    assert decode_large_done(other) is None
