@@ -56,7 +56,7 @@ from ._model import StepError
 from ._options import CallOptions
 from ._pool import DEFAULT_IDLE_TIMEOUT, _engine, _Lane
 from ._procinfo import memory_over
-from ._protocol import Done, Retire, Started
+from ._protocol import Done, Next, Retire, Started
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -351,9 +351,8 @@ class LocalBackend:
             work.maybe_returned = False  # before looking: a later return sets it again
             returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
         frames, error = work.lane.frames.read()
-        on_frame = self._on_frame
-        for frame in frames:
-            problem = on_frame(work, frame)
+        if frames:
+            problem = self._on_frames(work, frames)
             if problem is not None:
                 self._protocol_fault(work, problem)
                 return
@@ -387,40 +386,99 @@ class LocalBackend:
         if self.max_tasks is not None:
             self._retire_if_spent(work)
 
+    def _on_frames(self, work: _LaneWork, frames: list[Any]) -> str | None:
+        """Report a lane's frames in order; a description of the first mismatch, if any.
+
+        The hot path, a ``Next`` that ends the running step and starts the one
+        sent after it, is matched here in line; every other frame, and any
+        ``Next`` that does not match, goes through ``_on_frame``.
+        """
+        steps = self._steps()
+        finished = steps.finished
+        started = steps.started
+        sent = work.sent
+        for frame in frames:
+            if type(frame) is Next:
+                done = frame.done
+                running = work.running
+                if (
+                    running is not None
+                    and running[0] == done.step
+                    and running[1] == done.attempt
+                    and len(sent) > 1
+                ):
+                    following = sent[1]
+                    if following[0] == frame.step and following[1] == frame.attempt:
+                        sent.popleft()
+                        duration = done.duration
+                        mean = self.mean_duration
+                        self.mean_duration = (
+                            duration if mean is None else 0.8 * mean + 0.2 * duration
+                        )
+                        finished(done.step, done.attempt, done.outcome, duration, done.usage)
+                        if not started(frame.step, frame.attempt, frame.pid, frame.at):
+                            work.running = None
+                            return f"step {following} was not waiting to start"
+                        work.started += 1
+                        work.running = following
+                        work.pid = frame.pid
+                        work.waiting_since = None
+                        continue
+            problem = self._on_frame(work, frame)
+            if problem is not None:
+                return problem
+        return None
+
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
         kind = type(frame)
-        identity = (frame.step, frame.attempt)
+        if kind is Next:  # a Done, then the next step's Started: the hot path
+            problem = self._on_done(work, frame.done)
+            return problem if problem is not None else self._on_started(work, frame)
         if kind is Done:
-            if work.running != identity:
-                return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
-            work.sent.popleft()
-            work.running = None
-            # The frozen-lane clock starts at the end of _service if no Started followed.
-            duration = frame.duration
-            mean = self.mean_duration
-            self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
-            self.steps.finished(  # type: ignore[union-attr]
-                frame.step, frame.attempt, frame.outcome, duration, frame.usage
-            )
-            return None
-        if kind is Started or kind is Retire:
+            return self._on_done(work, frame)
+        if kind is Started:
+            return self._on_started(work, frame)
+        identity = (frame.step, frame.attempt)
+        if kind is Retire:
             if work.running is not None or not work.sent or work.sent[0] != identity:
                 expected = work.sent[0] if work.sent and work.running is None else None
                 return f"it announced step {identity} while {_expecting(work, expected)}"
-            if kind is Retire:
-                work.retiring = True
-                return None
-            if not self.steps.started(frame.step, frame.attempt, frame.pid, frame.at):  # type: ignore[union-attr]
-                return f"step {identity} was not waiting to start"
-            work.started += 1
-            work.running = identity
-            work.pid = frame.pid
-            work.waiting_since = None
+            work.retiring = True
             return None
         if work.running != identity:
             return f"it sent progress for step {identity} while {_expecting(work, None)}"
         self._steps().progress(frame.step, frame.attempt, frame.data)
+        return None
+
+    def _on_done(self, work: _LaneWork, frame: Done) -> str | None:
+        running = work.running
+        if running is None or running[0] != frame.step or running[1] != frame.attempt:
+            identity = (frame.step, frame.attempt)
+            return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
+        work.sent.popleft()
+        work.running = None
+        # The frozen-lane clock starts at the end of _service if no Started followed.
+        duration = frame.duration
+        mean = self.mean_duration
+        self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
+        self.steps.finished(  # type: ignore[union-attr]
+            frame.step, frame.attempt, frame.outcome, duration, frame.usage
+        )
+        return None
+
+    def _on_started(self, work: _LaneWork, frame: Started | Next) -> str | None:
+        step, attempt = frame.step, frame.attempt
+        sent = work.sent
+        if work.running is not None or not sent or sent[0] != (step, attempt):
+            expected = sent[0] if sent and work.running is None else None
+            return f"it announced step {(step, attempt)} while {_expecting(work, expected)}"
+        if not self.steps.started(step, attempt, frame.pid, frame.at):  # type: ignore[union-attr]
+            return f"step {(step, attempt)} was not waiting to start"
+        work.started += 1
+        work.running = sent[0]
+        work.pid = frame.pid
+        work.waiting_since = None
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:

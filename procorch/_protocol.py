@@ -68,7 +68,32 @@ class Retire(msgspec.Struct, tag="r", array_like=True, gc=False):
     rss: int
 
 
-Frame = Started | Progress | Done | Retire
+class Next(msgspec.Struct, tag="n", array_like=True, gc=False):
+    """Step ``done.step`` is over and ``step`` begins: its ``Done`` and the next ``Started``.
+
+    The worker's one frame between two steps of a chunk: a ``Done`` (naming
+    its own step and attempt) and the fields of the next step's ``Started``.
+    The parent reads it exactly as the two frames it replaces, in that order.
+    """
+
+    done: Done
+    step: int
+    attempt: int
+    pid: int
+    at: float
+
+
+class NextOut(msgspec.Struct, tag="n", array_like=True, gc=False):
+    """``Next`` as the worker writes it: the ``Done`` already encoded (and checked)."""
+
+    done: msgspec.Raw
+    step: int
+    attempt: int
+    pid: int
+    at: float
+
+
+Frame = Started | Progress | Done | Retire | Next
 
 encode = msgspec.msgpack.Encoder().encode
 decode_frame = msgspec.msgpack.Decoder(Frame).decode

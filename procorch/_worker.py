@@ -43,9 +43,11 @@ from ._messages import safe_text
 from ._model import AgentStepSpec, ErrorKind, StepError, StepOutcome
 from ._procinfo import memory_over, rss, tree_pids
 from ._protocol import (
+    LARGE_FRAME,
     SOFT_STOP,
     SOFT_STOP_SIGNAL,
     Done,
+    NextOut,
     Retire,
     Started,
     encode,
@@ -480,11 +482,12 @@ def run_steps(
     fd = _channel.fileno()
     if not capture:
         _capture(False)
-    # A step's Done travels with the next step's Started, in one write: the
-    # next step starts microseconds later, and a write costs about 2 us.
+    # A step's Done travels with the next step's Started, in one frame (a
+    # Next) and one write: the next step starts microseconds later, and a
+    # write costs the worker about 2 us, a frame the parent about as much.
     # Nothing of a step runs before its Started is written, so no Done waits
     # on user code; the chunk's last Done goes out before the call returns.
-    unsent: list[bytes] = []  # the Done of the step just run, in pieces to write
+    unsent: list[bytes] = []  # the encoded Done of the step just run, if not yet written
     try:
         for step, attempt, spec_bytes in chunk:
             if not _start(fd, step, attempt, retire_above, unsent):
@@ -495,8 +498,7 @@ def run_steps(
             blob = None  # unpickled with the first step; the rest reuse it
     finally:
         if unsent:
-            write_parts(fd, unsent)
-            unsent.clear()
+            write_frame(fd, unsent.pop())
 
 
 def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]) -> bool:
@@ -505,18 +507,23 @@ def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: l
     if retire_above is not None and not _retired:
         _retired = memory_over(tree_pids(os.getpid()), retire_above) is not None
     if _retired:
-        unsent.append(framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
-        write_parts(fd, unsent)
-        unsent.clear()
+        parts = frame_parts(unsent.pop()) if unsent else []
+        parts.append(framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
+        write_parts(fd, parts)
         return False
     _repair_std_streams()
-    started = framed(encode(Started(step, attempt, os.getpid(), time.monotonic())))
-    if len(unsent) == 1:  # a small Done: one buffer, one write
-        write_all(fd, unsent.pop() + started)
-    else:
-        unsent.append(started)
-        write_parts(fd, unsent)
-        unsent.clear()
+    if not unsent:
+        write_all(fd, framed(encode(Started(step, attempt, os.getpid(), time.monotonic()))))
+        return True
+    done = unsent.pop()
+    if len(done) <= LARGE_FRAME:  # the common case: one frame, one write
+        frame = NextOut(msgspec.Raw(done), step, attempt, os.getpid(), time.monotonic())
+        write_all(fd, framed(encode(frame)))
+        return True
+    # A large Done travels apart (header and payload never joined), then Started.
+    parts = frame_parts(done)
+    parts.append(framed(encode(Started(step, attempt, os.getpid(), time.monotonic()))))
+    write_parts(fd, parts)
     return True
 
 
@@ -552,7 +559,7 @@ def _run_one(
     if capture and outcome.error is not None:
         outcome = _with_printed(outcome)
     sink.close()
-    unsent.extend(frame_parts(done_frame(spec, step, attempt, outcome, duration, usage)))
+    unsent.append(done_frame(spec, step, attempt, outcome, duration, usage))
 
 
 def _on_soft_stop(signum: int, frame: Any) -> None:

@@ -99,6 +99,40 @@ def test_a_crash_deep_in_a_long_chunk_is_its_own_steps(at: int, chunk_sizes: lis
     assert set(_starts(events).values()) == {1}  # no step began twice
 
 
+def test_a_worker_dead_between_two_steps_of_a_chunk_blames_the_step_before(
+    chunk_sizes: list[int],
+) -> None:
+    """A step's Done travels with the next step's Started in one frame (``Next``).
+
+    A worker killed after step k returned but before that frame is written
+    (here by a trap step k left in ``sys.stdout``, sprung by the worker's
+    own check before step k+1) never reported k's outcome nor began k+1: k
+    is the crash, k+1 is given back uncharged and runs elsewhere.
+    """
+    at = 100
+    specs = [spec(f"s{i}", "trap_stdout" if i == at else "ok") for i in range(300)]
+    events: list[Event] = []
+    out = execute_steps_parallel(HotPathExecutor(1), specs, events=events.append)
+    first = 0
+    for size in chunk_sizes:  # k and k+1 did travel in one chunk: one frame between them
+        if first <= at < first + size:
+            assert at + 1 < first + size, chunk_sizes
+            break
+        first += size
+    for index, outcome in enumerate(out):
+        assert outcome.task_id == f"s{index}"
+        if index == at:
+            assert outcome.error is not None and outcome.error.kind == "crash", outcome
+            assert outcome.error.signal == "SIGKILL"
+            assert outcome.error.attempts == 1
+            assert f"'s{at}'" in outcome.output
+        else:
+            assert outcome.success, outcome
+    crashed = [event for event in events if isinstance(event, StepCrashed)]
+    assert [event.index for event in crashed] == [at]
+    assert set(_starts(events).values()) == {1}  # k+1 began once: on the fresh worker
+
+
 def test_a_large_frame_cut_by_sigkill_is_a_crash_of_its_step(pipe_resizes: list[int]) -> None:
     """A worker killed while writing a 32 MiB frame: that step crashed (SIGKILL), nothing else."""
     specs = [spec(f"s{i}", "cut_big" if i == 5 else "ok") for i in range(40)]
