@@ -124,6 +124,10 @@ class StepLifecycle:
         self.deadline: float | None = None
         self.slots: int | None = None  # steps at once, for the events (set by open)
         self._wake = WakePipe()
+        # The file descriptors the last wait saw ready, when only handles woke
+        # it (None: a wake-up, a timer, or no wait at all, so a backend reads
+        # every handle, watched or not): a backend may read only these.
+        self.ready: set[int] | None = None
         self._previous_sigterm: Any = None
         self._opened = False
 
@@ -681,6 +685,7 @@ class StepLifecycle:
                 self._queue.append(index)
 
     def _wait(self) -> None:
+        self.ready = None
         if self._outbox:
             return  # news to deliver first (e.g. outcomes recorded while stopping)
         wake_at = []
@@ -710,10 +715,11 @@ class StepLifecycle:
         poller.register(wake_fd, _POLLIN)
         for handle in handles:
             poller.register(handle, _POLLIN)
-        for fd, _ in poller.poll(None if timeout is None else timeout * 1000):
-            if fd == wake_fd:
-                self._wake.drain()
-                break
+        ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+        if wake_fd in ready:
+            self._wake.drain()
+        elif ready:  # only handles: a wake-up or a timer reads every handle
+            self.ready = ready
 
 
 def _raise_keyboard_interrupt_on_sigterm() -> Any:

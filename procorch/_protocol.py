@@ -210,12 +210,12 @@ class FrameReader:
     writer's death stays in the buffer, where it is simply never completed.
     """
 
-    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof")
+    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof", "fd")
 
     def __init__(self, fd: int, decode: Decode = None) -> None:
         os.set_blocking(fd, False)
         _set_pipe_size(fd, PIPE_BYTES)
-        self._fd = fd
+        self._fd = self.fd = fd
         self._decode = decode_frame if decode is None else decode
         self._buffer = bytearray()
         self._large: bytearray | None = None  # a large frame being read, and how far

@@ -974,9 +974,9 @@ class HotPathExecutor(AgentExecutor):
     cut short mid-write), hang (sleeps a minute), swallow (sleeps; returns
     success when its soft time limit raises StepTimeout), emit (emits "first",
     a 300,000-character string, then "last"), length (output: the prompt's
-    length), trap_stdout (succeeds, leaving ``sys.stdout`` an object that
-    SIGKILLs the worker when touched: the worker dies after the step returned,
-    before the next one starts).
+    length), pause (sleeps the prompt's seconds), trap_stdout (succeeds,
+    leaving ``sys.stdout`` an object that SIGKILLs the worker when touched:
+    the worker dies after the step returned, before the next one starts).
     """
 
     def __init__(self, hint: int = 2) -> None:
@@ -1013,6 +1013,8 @@ class HotPathExecutor(AgentExecutor):
             events.emit("last")
         elif agent == "length":
             return StepOutcome(spec.task_id, "s", agent, str(len(spec.prompt)), True)
+        elif agent == "pause":
+            time.sleep(float(spec.prompt))
         elif agent == "trap_stdout":
             # Returns normally, leaving sys.stdout an object whose first use
             # SIGKILLs the worker: it dies between this step and the next.

@@ -9,6 +9,7 @@ process, where the local backend decides them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,6 +132,47 @@ def test_a_worker_dead_between_two_steps_of_a_chunk_blames_the_step_before(
     crashed = [event for event in events if isinstance(event, StepCrashed)]
     assert [event.index for event in crashed] == [at]
     assert set(_starts(events).values()) == {1}  # k+1 began once: on the fresh worker
+
+
+@pytest.fixture
+def coasts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """How long each lane was left unwatched, every time one was (seconds)."""
+    from procorch import _local
+
+    windows: list[float] = []
+    coast = _local.LocalBackend._coast
+
+    def recording(self: Any, work: Any) -> None:
+        coast(self, work)
+        if work.coast_until:
+            windows.append(work.coast_until - time.monotonic())
+
+    monkeypatch.setattr(_local.LocalBackend, "_coast", recording)
+    yield windows
+
+
+def test_unwatched_lanes_lose_no_report_and_blame_a_crash_on_its_step(
+    coasts: list[float],
+) -> None:
+    """With nobody listening, lanes running queued steps are left out of the wait for a while.
+
+    Their reports wait in the pipe and are read before anything is judged:
+    a segfault deep in such a lane fails that step alone, every other step
+    keeps its own outcome, and the call ends when its last step does.
+    """
+    at = 233
+    agents = ["segfault" if i == at else "pause" for i in range(400)]
+    specs = [AgentStepSpec(f"s{i}", agent, "d", "0.002") for i, agent in enumerate(agents)]
+    out = execute_steps_parallel(HotPathExecutor(2), specs)
+    assert coasts and max(coasts) > 0  # lanes were left unwatched
+    for index, outcome in enumerate(out):
+        assert outcome.task_id == f"s{index}"
+        if index == at:
+            assert outcome.error is not None and outcome.error.kind == "crash", outcome
+            assert outcome.error.attempts == 1
+            assert f"'s{at}'" in outcome.output
+        else:
+            assert outcome.success, outcome
 
 
 def test_a_large_frame_cut_by_sigkill_is_a_crash_of_its_step(pipe_resizes: list[int]) -> None:
