@@ -4,7 +4,11 @@ Every frame names the step it concerns: ``step`` (the dispatch's index of
 the step) and ``attempt`` (the attempt number it runs as). For every step
 the worker writes ``Started``, then any number of ``Progress``, then
 ``Done``; instead of starting a step it may write ``Retire`` (naming the step
-it declines), when it has grown too large to keep. The parent matches every
+it declines), when it has grown too large to keep. Between two steps of a
+chunk, the first one's ``Done`` and the next one's ``Started`` travel as one
+``Next`` frame (the ``Done`` inside names its own step and attempt), read
+exactly as the two frames it replaces: one encode, one write and one decode
+where there were two. The parent matches every
 frame against what it sent the lane; a frame it did not expect, or cannot
 decode, is a protocol fault (the lane is stopped, the step it concerns fails
 saying so), never a guess. A pipe carries one writer's frames in order, and

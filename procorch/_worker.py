@@ -488,9 +488,10 @@ def run_steps(
     # Nothing of a step runs before its Started is written, so no Done waits
     # on user code; the chunk's last Done goes out before the call returns.
     unsent: list[bytes] = []  # the encoded Done of the step just run, if not yet written
+    pid = os.getpid()
     try:
         for step, attempt, spec_bytes in chunk:
-            if not _start(fd, step, attempt, retire_above, unsent):
+            if not _start(fd, pid, step, attempt, retire_above, unsent):
                 return
             if capture:
                 _capture(True)
@@ -501,28 +502,30 @@ def run_steps(
             write_frame(fd, unsent.pop())
 
 
-def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]) -> bool:
+def _start(
+    fd: int, pid: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]
+) -> bool:
     """Write the last step's Done and this one's Started; or Retire, and False."""
     global _retired
     if retire_above is not None and not _retired:
-        _retired = memory_over(tree_pids(os.getpid()), retire_above) is not None
+        _retired = memory_over(tree_pids(pid), retire_above) is not None
     if _retired:
         parts = frame_parts(unsent.pop()) if unsent else []
-        parts.append(framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
+        parts.append(framed(encode(Retire(step, attempt, rss(tree_pids(pid))))))
         write_parts(fd, parts)
         return False
     _repair_std_streams()
     if not unsent:
-        write_all(fd, framed(encode(Started(step, attempt, os.getpid(), time.monotonic()))))
+        write_all(fd, framed(encode(Started(step, attempt, pid, time.monotonic()))))
         return True
     done = unsent.pop()
     if len(done) <= LARGE_FRAME:  # the common case: one frame, one write
-        frame = NextOut(msgspec.Raw(done), step, attempt, os.getpid(), time.monotonic())
+        frame = NextOut(msgspec.Raw(done), step, attempt, pid, time.monotonic())
         write_all(fd, framed(encode(frame)))
         return True
     # A large Done travels apart (header and payload never joined), then Started.
     parts = frame_parts(done)
-    parts.append(framed(encode(Started(step, attempt, os.getpid(), time.monotonic()))))
+    parts.append(framed(encode(Started(step, attempt, pid, time.monotonic()))))
     write_parts(fd, parts)
     return True
 
