@@ -135,6 +135,7 @@ class _LaneWork:
     """What one lane of this call is doing."""
 
     __slots__ = (
+        "chatty",
         "chunks",
         "coast_until",
         "idle_since",
@@ -163,6 +164,9 @@ class _LaneWork:
         # Until then its channel is not watched: it has steps queued for that
         # long and nothing it reports is awaited (see _COAST_SECONDS).
         self.coast_until = 0.0
+        # It sent events or a frame of more than a few bytes in this call:
+        # never left unwatched, so that its worker never waits on a full pipe.
+        self.chatty = False
         # Set (from loky's thread) when one of its calls returned: only then
         # are the futures looked at, each look taking the future's lock.
         self.maybe_returned = False
@@ -186,6 +190,7 @@ class _LaneWork:
         self.idle_since = None
         self.started = 0
         self.coast_until = 0.0
+        self.chatty = False
 
 
 class LocalBackend:
@@ -438,7 +443,11 @@ class LocalBackend:
         """Leave the lane unwatched while the steps before its last one run (_COAST_SECONDS)."""
         mean = self.mean_duration
         ahead = len(work.sent) - 2  # queued behind the running step, but its last
-        if work.running is None or ahead < 1 or mean is None or mean < _COAST_ABOVE:
+        frames = work.lane.frames
+        if frames.loud:
+            frames.loud = False
+            work.chatty = True
+        if work.chatty or work.running is None or ahead < 1 or mean is None or mean < _COAST_ABOVE:
             work.coast_until = 0.0
         else:
             work.coast_until = time.monotonic() + min(mean * ahead, _COAST_SECONDS)
@@ -503,6 +512,7 @@ class LocalBackend:
                 return f"it announced step {identity} while {_expecting(work, expected)}"
             work.retiring = True
             return None
+        work.chatty = True  # events: its pipe may fill at any moment
         if work.running != identity:
             return f"it sent progress for step {identity} while {_expecting(work, None)}"
         self._steps().progress(frame.step, frame.attempt, frame.data)

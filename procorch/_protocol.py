@@ -126,6 +126,10 @@ _READ_SIZE = 1 << 16
 # its payload without joining them, and the parent reads it straight into
 # one buffer of its final size, with the pipe grown while it is in flight.
 LARGE_FRAME = _READ_SIZE
+# A step's Started and Done, outcome included, are about 70 bytes with short
+# texts; a lane whose frames go over this sends outputs or events worth
+# reading as they come (see ``FrameReader.loud``).
+QUIET_FRAME = 1024
 
 
 def framed(payload: bytes) -> bytes:
@@ -214,7 +218,7 @@ class FrameReader:
     writer's death stays in the buffer, where it is simply never completed.
     """
 
-    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof", "fd")
+    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof", "fd", "loud")
 
     def __init__(self, fd: int, decode: Decode = None) -> None:
         os.set_blocking(fd, False)
@@ -226,6 +230,9 @@ class FrameReader:
         self._filled = 0
         self._grown = False  # the pipe is larger than PIPE_BYTES
         self.eof = False  # every writer is gone
+        # A frame over QUIET_FRAME was read since the owner last cleared this:
+        # its lane sends more than a step's few bytes, so it is kept watched.
+        self.loud = False
 
     @property
     def pipe_grown(self) -> bool:
@@ -287,6 +294,8 @@ class FrameReader:
                     (size,) = size_of(buffer, start)
                     end = start + header + size
                     if end > end_of_data:
+                        if size > QUIET_FRAME:
+                            self.loud = True
                         if size > LARGE_FRAME:
                             large = bytearray(size)
                             have = end_of_data - start - header
@@ -296,6 +305,8 @@ class FrameReader:
                             if not self._grown:
                                 self._grown = _set_pipe_size(self._fd, _LARGE_PIPE_BYTES)
                         break
+                    if size > QUIET_FRAME:
+                        self.loud = True
                     frames.append(decode(view[start + header : end]))
                     start = end
         finally:

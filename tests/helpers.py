@@ -974,7 +974,8 @@ class HotPathExecutor(AgentExecutor):
     cut short mid-write), hang (sleeps a minute), swallow (sleeps; returns
     success when its soft time limit raises StepTimeout), emit (emits "first",
     a 300,000-character string, then "last"), length (output: the prompt's
-    length), pause (sleeps the prompt's seconds), trap_stdout (succeeds,
+    length), pause (sleeps the prompt's seconds; pause_emit then emits "tick",
+    pause_big then returns 100,000 bytes as structured), trap_stdout (succeeds,
     leaving ``sys.stdout`` an object that SIGKILLs the worker when touched:
     the worker dies after the step returned, before the next one starts).
     """
@@ -1015,6 +1016,12 @@ class HotPathExecutor(AgentExecutor):
             return StepOutcome(spec.task_id, "s", agent, str(len(spec.prompt)), True)
         elif agent == "pause":
             time.sleep(float(spec.prompt))
+        elif agent == "pause_emit":
+            time.sleep(float(spec.prompt))
+            events.emit("tick")
+        elif agent == "pause_big":
+            time.sleep(float(spec.prompt))
+            return ok_outcome(spec, structured=b"z" * 100_000)
         elif agent == "trap_stdout":
             # Returns normally, leaving sys.stdout an object whose first use
             # SIGKILLs the worker: it dies between this step and the next.

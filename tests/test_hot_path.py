@@ -175,6 +175,42 @@ def test_unwatched_lanes_lose_no_report_and_blame_a_crash_on_its_step(
             assert outcome.success, outcome
 
 
+@pytest.mark.parametrize("agent", ["pause_emit", "pause_big"])
+def test_lanes_that_send_events_or_large_outcomes_are_not_left_unwatched(
+    agent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane left unwatched leaves its worker blocked once its pipe is full: once
+    a lane sent events (even with nobody listening) or an outcome of more than a
+    few bytes, it is never left unwatched again in the call."""
+    from procorch import _local
+
+    seen: list[tuple[str, int]] = []  # ("loud" | "coast", lane), in order
+    coast, on_frame = _local.LocalBackend._coast, _local.LocalBackend._on_frame
+
+    def coasting(self: Any, work: Any) -> None:
+        coast(self, work)
+        if work.coast_until:
+            seen.append(("coast", id(work)))
+
+    def hearing(self: Any, work: Any, frame: Any) -> Any:
+        if isinstance(frame, _protocol.Progress) or (
+            isinstance(frame, _protocol.Done) and len(frame.outcome.structured or b"") > 1024
+        ):
+            seen.append(("loud", id(work)))
+        return on_frame(self, work, frame)
+
+    monkeypatch.setattr(_local.LocalBackend, "_coast", coasting)
+    monkeypatch.setattr(_local.LocalBackend, "_on_frame", hearing)
+    specs = [AgentStepSpec(f"s{i}", agent, "d", "0.002") for i in range(200)]
+    out = execute_steps_parallel(HotPathExecutor(2), specs)
+    assert all(outcome.success for outcome in out)
+    loud = {lane for kind, lane in seen if kind == "loud"}
+    assert len(loud) == 2, seen  # both lanes sent such frames
+    for lane in loud:
+        after = seen[seen.index(("loud", lane)) :]
+        assert ("coast", lane) not in after, seen
+
+
 def test_a_large_frame_cut_by_sigkill_is_a_crash_of_its_step(pipe_resizes: list[int]) -> None:
     """A worker killed while writing a 32 MiB frame: that step crashed (SIGKILL), nothing else."""
     specs = [spec(f"s{i}", "cut_big" if i == 5 else "ok") for i in range(40)]
