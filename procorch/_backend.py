@@ -12,7 +12,9 @@ turns::
     start_ready()               take queued steps (steps.take(n)) and send them
     wait_handles(), next_wakeup()
                                 what the lifecycle's wait() should also watch
-    poll()                      read everything that arrived; report it
+    poll()                      read everything that arrived; report it (when
+                                ``steps.ready`` is set, only those handles
+                                woke the wait: the others may be left unread)
     interrupt(index)            raise StepTimeout in a running step (a soft time limit)
     stop(index) / stop_all()    kill what runs a step (a guard acted)
     close()                     once, whatever happened

@@ -57,7 +57,7 @@ from ._model import StepError
 from ._options import CallOptions
 from ._pool import DEFAULT_IDLE_TIMEOUT, _engine, _Lane
 from ._procinfo import memory_over
-from ._protocol import Done, Retire, Started
+from ._protocol import Done, Next, Retire, Started
 
 if TYPE_CHECKING:
     from ._lifecycle import StepLifecycle
@@ -102,6 +102,18 @@ _QUEUE_LAST_BELOW = 0.1
 # exits (CPython gh-113964, gh-115533); taken as all of 3.12, to be safe.
 _NO_THREADS_AT_EXIT = sys.version_info[:2] == (3, 12)
 
+# A lane that runs a step with more queued behind it is left unwatched
+# (its channel out of the wait) for as long as the steps ahead of its last
+# one should take, at most this long, when nothing it reports is awaited
+# before then: no events, no outcome hooks, no time limits, no memory or
+# process watch. Its frames wait in its pipe (about 70 bytes a step) and are
+# read at the next turn, before any verdict: a wake-up (a returned or broken
+# call, a cancel), a timer or the call's deadline reads every lane. At 10 ms
+# steps this turns one wake-up of the caller per step into one per five.
+_COAST_SECONDS = 0.05
+# Steps quicker than this are not worth a timer: their frames fill the pipe first.
+_COAST_ABOVE = 0.0005
+
 # How long a lane may hold steps without starting any before it is taken for
 # frozen (SIGSTOPped, wedged) and killed; its steps run elsewhere, uncharged.
 # A warm worker announces a step within milliseconds and a fresh one within
@@ -128,7 +140,9 @@ class _LaneWork:
     """What one lane of this call is doing."""
 
     __slots__ = (
+        "chatty",
         "chunks",
+        "coast_until",
         "idle_since",
         "lane",
         "maybe_returned",
@@ -152,6 +166,12 @@ class _LaneWork:
         self.waiting_since: float | None = None
         self.idle_since: float | None = None  # its worker has had nothing to do since
         self.started = 0  # steps of this call its worker started (max_tasks_per_child)
+        # Until then its channel is not watched: it has steps queued for that
+        # long and nothing it reports is awaited (see _COAST_SECONDS).
+        self.coast_until = 0.0
+        # It sent events or a frame of more than a few bytes in this call:
+        # never left unwatched, so that its worker never waits on a full pipe.
+        self.chatty = False
         # Set (from loky's thread) when one of its calls returned: only then
         # are the futures looked at, each look taking the future's lock.
         self.maybe_returned = False
@@ -174,6 +194,8 @@ class _LaneWork:
         self.waiting_since = None
         self.idle_since = None
         self.started = 0
+        self.coast_until = 0.0
+        self.chatty = False
 
 
 class LocalBackend:
@@ -202,11 +224,21 @@ class LocalBackend:
         # A large bytes result as a memoryview into the frame it came in, not
         # a copy: set by ProcessPool, which unpickles its results from there.
         self.structured_views = False
+        self._may_coast = False  # set by open: nothing a lane reports is awaited
 
     # -- the seam ----------------------------------------------------------------------
 
     def open(self, steps: StepLifecycle, slots: int) -> None:
         self.steps = steps
+        options = self.options
+        self._may_coast = (
+            steps.emit is None
+            and steps.on_outcome is None
+            and options.step_timeout is None
+            and not options.step_timeouts
+            and not self._watch_usage
+            and self.max_tasks is None
+        )
         self.works = [_LaneWork(lane) for lane in _engine.acquire(slots, steps.wake)]
 
     def warm_up(self, timeout: float) -> None:
@@ -228,6 +260,8 @@ class LocalBackend:
 
     def start_ready(self) -> None:
         steps = self._steps()
+        if not steps.queued:
+            return
         # Idle lanes first; then a second chunk queued behind a running one:
         # for quick steps as soon as it has begun, for steps up to
         # _QUEUE_LAST_BELOW once it runs its last step. A step queued behind a
@@ -280,10 +314,19 @@ class LocalBackend:
             ids = [(index, attempt) for index, attempt, _ in chunk]
             work.chunks.append((future, ids))
             work.sent.extend(ids)
-            if work.running is None and work.waiting_since is None:
-                work.waiting_since = time.monotonic()
+            if work.running is None:
+                work.coast_until = 0.0  # watched until it announces a step
+                if work.waiting_since is None:
+                    work.waiting_since = time.monotonic()
 
     def wait_handles(self) -> list[Any]:
+        if self._may_coast:
+            now = time.monotonic()
+            return [
+                work.lane.channel
+                for work in self.works
+                if work.busy and not work.lane.frames.eof and work.coast_until <= now
+            ]
         return [work.lane.channel for work in self.works if work.busy and not work.lane.frames.eof]
 
     def next_wakeup(self) -> float | None:
@@ -298,14 +341,22 @@ class LocalBackend:
                 for work in self.works
                 if work.idle_since is not None
             )
+        if self._may_coast:
+            now = time.monotonic()
+            wake_at.extend(w.coast_until for w in self.works if w.coast_until > now)
         if any(work.lane.starting for work in self.works):
             # Each lane's starter wakes the call when it is done; this only backs it up.
             wake_at.append(time.monotonic() + 0.5)
         return min(wake_at) if wake_at else None
 
     def poll(self) -> None:
+        # Only the lanes with news: those whose channel the wait saw ready
+        # (data, or the end of it), and those with a call seen returned.
+        # Poll is level-triggered, so nothing that had arrived is left unread.
+        ready = self._steps().ready
         for work in self.works:
-            self._service(work)
+            if ready is None or work.maybe_returned or work.lane.frames.fd in ready:
+                self._service(work)
         self._check_announcements()
         self._check_usage()
         self._check_idle()
@@ -376,9 +427,8 @@ class LocalBackend:
             work.maybe_returned = False  # before looking: a later return sets it again
             returned = [(future, chunk) for future, chunk in work.chunks if future.done()]
         frames, error = work.lane.frames.read(self.structured_views)
-        on_frame = self._on_frame
-        for frame in frames:
-            problem = on_frame(work, frame)
+        if frames:
+            problem = self._on_frames(work, frames)
             if problem is not None:
                 self._protocol_fault(work, problem)
                 return
@@ -387,6 +437,8 @@ class LocalBackend:
             return
         if work.running is None and work.sent and work.waiting_since is None:
             work.waiting_since = time.monotonic()  # it holds steps and runs none of them
+        if self._may_coast:
+            self._coast(work)
         for future, _ in returned:
             failure = future.exception()
             if isinstance(failure, BrokenProcessPool):
@@ -412,40 +464,113 @@ class LocalBackend:
         if self.max_tasks is not None:
             self._retire_if_spent(work)
 
+    def _coast(self, work: _LaneWork) -> None:
+        """Leave the lane unwatched while the steps before its last one run (_COAST_SECONDS)."""
+        mean = self.mean_duration
+        ahead = len(work.sent) - 2  # queued behind the running step, but its last
+        frames = work.lane.frames
+        if frames.loud:
+            frames.loud = False
+            work.chatty = True
+        if work.chatty or work.running is None or ahead < 1 or mean is None or mean < _COAST_ABOVE:
+            work.coast_until = 0.0
+        else:
+            work.coast_until = time.monotonic() + min(mean * ahead, _COAST_SECONDS)
+
+    def _on_frames(self, work: _LaneWork, frames: list[Any]) -> str | None:
+        """Report a lane's frames in order; a description of the first mismatch, if any.
+
+        The hot path, a ``Next`` that ends the running step and starts the one
+        sent after it, is matched here in line; every other frame, and any
+        ``Next`` that does not match, goes through ``_on_frame``.
+        """
+        steps = self._steps()
+        finished = steps.finished
+        started = steps.started
+        sent = work.sent
+        for frame in frames:
+            if type(frame) is Next:
+                done = frame.done
+                running = work.running
+                if (
+                    running is not None
+                    and running[0] == done.step
+                    and running[1] == done.attempt
+                    and len(sent) > 1
+                ):
+                    following = sent[1]
+                    if following[0] == frame.step and following[1] == frame.attempt:
+                        sent.popleft()
+                        duration = done.duration
+                        mean = self.mean_duration
+                        self.mean_duration = (
+                            duration if mean is None else 0.8 * mean + 0.2 * duration
+                        )
+                        finished(done.step, done.attempt, done.outcome, duration, done.usage)
+                        if not started(frame.step, frame.attempt, frame.pid, frame.at):
+                            work.running = None
+                            return f"step {following} was not waiting to start"
+                        work.started += 1
+                        work.running = following
+                        work.pid = frame.pid
+                        work.waiting_since = None
+                        continue
+            problem = self._on_frame(work, frame)
+            if problem is not None:
+                return problem
+        return None
+
     def _on_frame(self, work: _LaneWork, frame: Any) -> str | None:
         """Report one frame to the lifecycle; a description of the mismatch, if any."""
         kind = type(frame)
-        identity = (frame.step, frame.attempt)
+        if kind is Next:  # a Done, then the next step's Started: the hot path
+            problem = self._on_done(work, frame.done)
+            return problem if problem is not None else self._on_started(work, frame)
         if kind is Done:
-            if work.running != identity:
-                return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
-            work.sent.popleft()
-            work.running = None
-            # The frozen-lane clock starts at the end of _service if no Started followed.
-            duration = frame.duration
-            mean = self.mean_duration
-            self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
-            self.steps.finished(  # type: ignore[union-attr]
-                frame.step, frame.attempt, frame.outcome, duration, frame.usage
-            )
-            return None
-        if kind is Started or kind is Retire:
+            return self._on_done(work, frame)
+        if kind is Started:
+            return self._on_started(work, frame)
+        identity = (frame.step, frame.attempt)
+        if kind is Retire:
             if work.running is not None or not work.sent or work.sent[0] != identity:
                 expected = work.sent[0] if work.sent and work.running is None else None
                 return f"it announced step {identity} while {_expecting(work, expected)}"
-            if kind is Retire:
-                work.retiring = True
-                return None
-            if not self.steps.started(frame.step, frame.attempt, frame.pid, frame.at):  # type: ignore[union-attr]
-                return f"step {identity} was not waiting to start"
-            work.started += 1
-            work.running = identity
-            work.pid = frame.pid
-            work.waiting_since = None
+            work.retiring = True
             return None
+        work.chatty = True  # events: its pipe may fill at any moment
         if work.running != identity:
             return f"it sent progress for step {identity} while {_expecting(work, None)}"
         self._steps().progress(frame.step, frame.attempt, frame.data)
+        return None
+
+    def _on_done(self, work: _LaneWork, frame: Done) -> str | None:
+        running = work.running
+        if running is None or running[0] != frame.step or running[1] != frame.attempt:
+            identity = (frame.step, frame.attempt)
+            return f"it sent an outcome for step {identity} while {_expecting(work, None)}"
+        work.sent.popleft()
+        work.running = None
+        # The frozen-lane clock starts at the end of _service if no Started followed.
+        duration = frame.duration
+        mean = self.mean_duration
+        self.mean_duration = duration if mean is None else 0.8 * mean + 0.2 * duration
+        self.steps.finished(  # type: ignore[union-attr]
+            frame.step, frame.attempt, frame.outcome, duration, frame.usage
+        )
+        return None
+
+    def _on_started(self, work: _LaneWork, frame: Started | Next) -> str | None:
+        step, attempt = frame.step, frame.attempt
+        sent = work.sent
+        if work.running is not None or not sent or sent[0] != (step, attempt):
+            expected = sent[0] if sent and work.running is None else None
+            return f"it announced step {(step, attempt)} while {_expecting(work, expected)}"
+        if not self.steps.started(step, attempt, frame.pid, frame.at):  # type: ignore[union-attr]
+            return f"step {(step, attempt)} was not waiting to start"
+        work.started += 1
+        work.running = sent[0]
+        work.pid = frame.pid
+        work.waiting_since = None
         return None
 
     def _on_dead_worker(self, work: _LaneWork) -> None:

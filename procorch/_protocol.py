@@ -4,7 +4,11 @@ Every frame names the step it concerns: ``step`` (the dispatch's index of
 the step) and ``attempt`` (the attempt number it runs as). For every step
 the worker writes ``Started``, then any number of ``Progress``, then
 ``Done``; instead of starting a step it may write ``Retire`` (naming the step
-it declines), when it has grown too large to keep. The parent matches every
+it declines), when it has grown too large to keep. Between two steps of a
+chunk, the first one's ``Done`` and the next one's ``Started`` travel as one
+``Next`` frame (the ``Done`` inside names its own step and attempt), read
+exactly as the two frames it replaces: one encode, one write and one decode
+where there were two. The parent matches every
 frame against what it sent the lane; a frame it did not expect, or cannot
 decode, is a protocol fault (the lane is stopped, the step it concerns fails
 saying so), never a guess. A pipe carries one writer's frames in order, and
@@ -68,7 +72,32 @@ class Retire(msgspec.Struct, tag="r", array_like=True, gc=False):
     rss: int
 
 
-Frame = Started | Progress | Done | Retire
+class Next(msgspec.Struct, tag="n", array_like=True, gc=False):
+    """Step ``done.step`` is over and ``step`` begins: its ``Done`` and the next ``Started``.
+
+    The worker's one frame between two steps of a chunk: a ``Done`` (naming
+    its own step and attempt) and the fields of the next step's ``Started``.
+    The parent reads it exactly as the two frames it replaces, in that order.
+    """
+
+    done: Done
+    step: int
+    attempt: int
+    pid: int
+    at: float
+
+
+class NextOut(msgspec.Struct, tag="n", array_like=True, gc=False):
+    """``Next`` as the worker writes it: the ``Done`` already encoded (and checked)."""
+
+    done: msgspec.Raw
+    step: int
+    attempt: int
+    pid: int
+    at: float
+
+
+Frame = Started | Progress | Done | Retire | Next
 
 encode = msgspec.msgpack.Encoder().encode
 decode_frame = msgspec.msgpack.Decoder(Frame).decode
@@ -97,6 +126,10 @@ _READ_SIZE = 1 << 16
 # its payload without joining them, and the parent reads it straight into
 # one buffer of its final size, with the pipe grown while it is in flight.
 LARGE_FRAME = _READ_SIZE
+# A step's Started and Done, outcome included, are about 70 bytes with short
+# texts; a lane whose frames go over this sends outputs or events worth
+# reading as they come (see ``FrameReader.loud``).
+QUIET_FRAME = 1024
 
 
 def framed(payload: bytes) -> bytes:
@@ -234,18 +267,21 @@ class FrameReader:
     writer's death stays in the buffer, where it is simply never completed.
     """
 
-    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof")
+    __slots__ = ("_buffer", "_decode", "_fd", "_filled", "_grown", "_large", "eof", "fd", "loud")
 
     def __init__(self, fd: int, decode: Decode = None) -> None:
         os.set_blocking(fd, False)
         _set_pipe_size(fd, PIPE_BYTES)
-        self._fd = fd
+        self._fd = self.fd = fd
         self._decode = decode_frame if decode is None else decode
         self._buffer = bytearray()
         self._large: bytearray | None = None  # a large frame being read, and how far
         self._filled = 0
         self._grown = False  # the pipe is larger than PIPE_BYTES
         self.eof = False  # every writer is gone
+        # A frame over QUIET_FRAME was read since the owner last cleared this:
+        # its lane sends more than a step's few bytes, so it is kept watched.
+        self.loud = False
 
     @property
     def pipe_grown(self) -> bool:
@@ -310,6 +346,8 @@ class FrameReader:
                     (size,) = size_of(buffer, start)
                     end = start + header + size
                     if end > end_of_data:
+                        if size > QUIET_FRAME:
+                            self.loud = True
                         if size > LARGE_FRAME:
                             large = bytearray(size)
                             have = end_of_data - start - header
@@ -319,6 +357,8 @@ class FrameReader:
                             if not self._grown:
                                 self._grown = _set_pipe_size(self._fd, _LARGE_PIPE_BYTES)
                         break
+                    if size > QUIET_FRAME:
+                        self.loud = True
                     frames.append(decode(view[start + header : end]))
                     start = end
         finally:

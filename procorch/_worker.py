@@ -49,6 +49,7 @@ from ._protocol import (
     SOFT_STOP,
     SOFT_STOP_SIGNAL,
     Done,
+    NextOut,
     Retire,
     Started,
     encode,
@@ -562,14 +563,16 @@ def run_steps(
     fd = _channel.fileno()
     if not capture:
         _capture(False)
-    # A step's Done travels with the next step's Started, in one write: the
-    # next step starts microseconds later, and a write costs about 2 us.
+    # A step's Done travels with the next step's Started, in one frame (a
+    # Next) and one write: the next step starts microseconds later, and a
+    # write costs the worker about 2 us, a frame the parent about as much.
     # Nothing of a step runs before its Started is written, so no Done waits
     # on user code; the chunk's last Done goes out before the call returns.
-    unsent: list[bytes] = []  # the Done of the step just run, in pieces to write
+    unsent: list[bytes] = []  # the Done of the step just run, in framed pieces to write
+    pid = os.getpid()
     try:
         for step, attempt, spec_bytes in chunk:
-            if not _start(fd, step, attempt, retire_above, unsent):
+            if not _start(fd, pid, step, attempt, retire_above, unsent):
                 return
             if capture:
                 _capture(True)
@@ -581,24 +584,30 @@ def run_steps(
             unsent.clear()
 
 
-def _start(fd: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]) -> bool:
+def _start(
+    fd: int, pid: int, step: int, attempt: int, retire_above: int | None, unsent: list[bytes]
+) -> bool:
     """Write the last step's Done and this one's Started; or Retire, and False."""
     global _retired
     if retire_above is not None and not _retired:
-        _retired = memory_over(tree_pids(os.getpid()), retire_above) is not None
+        _retired = memory_over(tree_pids(pid), retire_above) is not None
     if _retired:
-        unsent.append(framed(encode(Retire(step, attempt, rss(tree_pids(os.getpid()))))))
+        unsent.append(framed(encode(Retire(step, attempt, rss(tree_pids(pid))))))
         write_parts(fd, unsent)
         unsent.clear()
         return False
     _repair_std_streams()
-    started = framed(encode(Started(step, attempt, os.getpid(), time.monotonic())))
-    if len(unsent) == 1:  # a small Done: one buffer, one write
-        write_all(fd, unsent.pop() + started)
-    else:
-        unsent.append(started)
-        write_parts(fd, unsent)
-        unsent.clear()
+    if not unsent:
+        write_all(fd, framed(encode(Started(step, attempt, pid, time.monotonic()))))
+        return True
+    if len(unsent) == 1:  # the common case, a small Done (one framed piece): one Next, one write
+        done = msgspec.Raw(unsent.pop()[_FRAME_LENGTH.size :])
+        write_all(fd, framed(encode(NextOut(done, step, attempt, pid, time.monotonic()))))
+        return True
+    # A large Done travels apart, in its pieces (never joined), then Started.
+    unsent.append(framed(encode(Started(step, attempt, pid, time.monotonic()))))
+    write_parts(fd, unsent)
+    unsent.clear()
     return True
 
 

@@ -613,7 +613,8 @@ class WireTamperingExecutor(AgentExecutor):
 
     Agents: ok (succeeds, output ``ran: <prompt>``), garbage (writes bytes that
     are no frame to the lane's channel), forged_done (reports an outcome for
-    another step), forged_start (announces another step), close_channel (closes
+    another step), forged_start (announces another step), forged_next (reports
+    another step's outcome and the start of a third in one frame), close_channel (closes
     the channel's file descriptor), then each returns normally.
     """
 
@@ -636,6 +637,11 @@ class WireTamperingExecutor(AgentExecutor):
         elif spec.agent == "forged_start":
             started = _protocol.Started(10_000, 1, os.getpid(), time.monotonic())
             _protocol.write_frame(fd, _protocol.encode(started))
+        elif spec.agent == "forged_next":
+            forged = StepOutcome(spec.task_id, "s", "x", "forged", True)
+            done = _protocol.Done(10_000, 1, forged, 0.0)
+            frame = _protocol.Next(done, 10_001, 1, os.getpid(), time.monotonic())
+            _protocol.write_frame(fd, _protocol.encode(frame))
         elif spec.agent == "close_channel":
             os.close(fd)
         return ok_outcome(spec)
@@ -951,6 +957,14 @@ def wait_for_file(path: Path, within: float = 60.0) -> bool:
     return True
 
 
+class _KillOnUse:
+    """A stand-in for ``sys.stdout`` that SIGKILLs its process when anything looks at it."""
+
+    def __getattr__(self, name: str) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 class HotPathExecutor(AgentExecutor):
     """Steps for the fast paths: long chunks, large frames, guards inside a chunk.
 
@@ -960,7 +974,10 @@ class HotPathExecutor(AgentExecutor):
     cut short mid-write), hang (sleeps a minute), swallow (sleeps; returns
     success when its soft time limit raises StepTimeout), emit (emits "first",
     a 300,000-character string, then "last"), length (output: the prompt's
-    length).
+    length), pause (sleeps the prompt's seconds; pause_emit then emits "tick",
+    pause_big then returns 100,000 bytes as structured), trap_stdout (succeeds,
+    leaving ``sys.stdout`` an object that SIGKILLs the worker when touched:
+    the worker dies after the step returned, before the next one starts).
     """
 
     def __init__(self, hint: int = 2) -> None:
@@ -997,6 +1014,18 @@ class HotPathExecutor(AgentExecutor):
             events.emit("last")
         elif agent == "length":
             return StepOutcome(spec.task_id, "s", agent, str(len(spec.prompt)), True)
+        elif agent == "pause":
+            time.sleep(float(spec.prompt))
+        elif agent == "pause_emit":
+            time.sleep(float(spec.prompt))
+            events.emit("tick")
+        elif agent == "pause_big":
+            time.sleep(float(spec.prompt))
+            return ok_outcome(spec, structured=b"z" * 100_000)
+        elif agent == "trap_stdout":
+            # Returns normally, leaving sys.stdout an object whose first use
+            # SIGKILLs the worker: it dies between this step and the next.
+            sys.stdout = _KillOnUse()  # type: ignore[assignment]
         return ok_outcome(spec, structured={"pid": os.getpid()})
 
 

@@ -9,6 +9,7 @@ process, where the local backend decides them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,6 +98,117 @@ def test_a_crash_deep_in_a_long_chunk_is_its_own_steps(at: int, chunk_sizes: lis
     crashed = [event for event in events if isinstance(event, StepCrashed)]
     assert [event.index for event in crashed] == [at]
     assert set(_starts(events).values()) == {1}  # no step began twice
+
+
+def test_a_worker_dead_between_two_steps_of_a_chunk_blames_the_step_before(
+    chunk_sizes: list[int],
+) -> None:
+    """A step's Done travels with the next step's Started in one frame (``Next``).
+
+    A worker killed after step k returned but before that frame is written
+    (here by a trap step k left in ``sys.stdout``, sprung by the worker's
+    own check before step k+1) never reported k's outcome nor began k+1: k
+    is the crash, k+1 is given back uncharged and runs elsewhere.
+    """
+    at = 100
+    specs = [spec(f"s{i}", "trap_stdout" if i == at else "ok") for i in range(300)]
+    events: list[Event] = []
+    out = execute_steps_parallel(HotPathExecutor(1), specs, events=events.append)
+    first = 0
+    for size in chunk_sizes:  # k and k+1 did travel in one chunk: one frame between them
+        if first <= at < first + size:
+            assert at + 1 < first + size, chunk_sizes
+            break
+        first += size
+    for index, outcome in enumerate(out):
+        assert outcome.task_id == f"s{index}"
+        if index == at:
+            assert outcome.error is not None and outcome.error.kind == "crash", outcome
+            assert outcome.error.signal == "SIGKILL"
+            assert outcome.error.attempts == 1
+            assert f"'s{at}'" in outcome.output
+        else:
+            assert outcome.success, outcome
+    crashed = [event for event in events if isinstance(event, StepCrashed)]
+    assert [event.index for event in crashed] == [at]
+    assert set(_starts(events).values()) == {1}  # k+1 began once: on the fresh worker
+
+
+@pytest.fixture
+def coasts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """How long each lane was left unwatched, every time one was (seconds)."""
+    from procorch import _local
+
+    windows: list[float] = []
+    coast = _local.LocalBackend._coast
+
+    def recording(self: Any, work: Any) -> None:
+        coast(self, work)
+        if work.coast_until:
+            windows.append(work.coast_until - time.monotonic())
+
+    monkeypatch.setattr(_local.LocalBackend, "_coast", recording)
+    yield windows
+
+
+def test_unwatched_lanes_lose_no_report_and_blame_a_crash_on_its_step(
+    coasts: list[float],
+) -> None:
+    """With nobody listening, lanes running queued steps are left out of the wait for a while.
+
+    Their reports wait in the pipe and are read before anything is judged:
+    a segfault deep in such a lane fails that step alone, every other step
+    keeps its own outcome, and the call ends when its last step does.
+    """
+    at = 233
+    agents = ["segfault" if i == at else "pause" for i in range(400)]
+    specs = [AgentStepSpec(f"s{i}", agent, "d", "0.002") for i, agent in enumerate(agents)]
+    out = execute_steps_parallel(HotPathExecutor(2), specs)
+    assert coasts and max(coasts) > 0  # lanes were left unwatched
+    for index, outcome in enumerate(out):
+        assert outcome.task_id == f"s{index}"
+        if index == at:
+            assert outcome.error is not None and outcome.error.kind == "crash", outcome
+            assert outcome.error.attempts == 1
+            assert f"'s{at}'" in outcome.output
+        else:
+            assert outcome.success, outcome
+
+
+@pytest.mark.parametrize("agent", ["pause_emit", "pause_big"])
+def test_lanes_that_send_events_or_large_outcomes_are_not_left_unwatched(
+    agent: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane left unwatched leaves its worker blocked once its pipe is full: once
+    a lane sent events (even with nobody listening) or an outcome of more than a
+    few bytes, it is never left unwatched again in the call."""
+    from procorch import _local
+
+    seen: list[tuple[str, int]] = []  # ("loud" | "coast", lane), in order
+    coast, on_frame = _local.LocalBackend._coast, _local.LocalBackend._on_frame
+
+    def coasting(self: Any, work: Any) -> None:
+        coast(self, work)
+        if work.coast_until:
+            seen.append(("coast", id(work)))
+
+    def hearing(self: Any, work: Any, frame: Any) -> Any:
+        if isinstance(frame, _protocol.Progress) or (
+            isinstance(frame, _protocol.Done) and len(frame.outcome.structured or b"") > 1024
+        ):
+            seen.append(("loud", id(work)))
+        return on_frame(self, work, frame)
+
+    monkeypatch.setattr(_local.LocalBackend, "_coast", coasting)
+    monkeypatch.setattr(_local.LocalBackend, "_on_frame", hearing)
+    specs = [AgentStepSpec(f"s{i}", agent, "d", "0.002") for i in range(200)]
+    out = execute_steps_parallel(HotPathExecutor(2), specs)
+    assert all(outcome.success for outcome in out)
+    loud = {lane for kind, lane in seen if kind == "loud"}
+    assert len(loud) == 2, seen  # both lanes sent such frames
+    for lane in loud:
+        after = seen[seen.index(("loud", lane)) :]
+        assert ("coast", lane) not in after, seen
 
 
 def test_a_large_frame_cut_by_sigkill_is_a_crash_of_its_step(pipe_resizes: list[int]) -> None:

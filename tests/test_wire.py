@@ -15,7 +15,7 @@ from procorch import Event, StepFinished, StepStarted, execute_steps_parallel
 
 pytestmark = pytest.mark.usefixtures("no_leaked_processes", "bounded_time")
 
-TAMPERING = ["garbage", "forged_done", "forged_start", "close_channel"]
+TAMPERING = ["garbage", "forged_done", "forged_start", "forged_next", "close_channel"]
 
 
 @pytest.mark.parametrize("agent", TAMPERING)
