@@ -100,6 +100,7 @@ class _Lane:
         # the lane now (an idle lane may still be starting when a call takes it).
         self.on_started: Callable[[], object] | None = None
         self._warm = False  # its executor has run a call: every thread of it runs (warm_up)
+        self._fed = False  # a call was submitted to its executor (see close)
 
     def _setup(self) -> Any:
         """The lane's cgroup and its single-worker loky executor, made once; call under the lock."""
@@ -184,6 +185,7 @@ class _Lane:
         for step, attempt, wire in apart:  # the worker reads each after its Started
             self.inbox.send(step, attempt, wire.call)  # type: ignore[attr-defined]
         self.executor_token = token
+        self._fed = True
         self._adopt_worker()  # the first submit started the worker process, if no starter did
         return future
 
@@ -219,6 +221,7 @@ class _Lane:
             pool = self._setup()
         try:
             future: Future[object] = pool.submit(os.getpid)
+            self._fed = True
         except Exception:
             return None
         self._adopt_worker()
@@ -315,13 +318,21 @@ class _Lane:
         side rather than one after another.
         """
         self._wait_started()
-        if self._pool is not None:
+        if self._pool is not None and self._fed:
             self._stopping = self._pool._executor_manager_thread
             self._pool.shutdown(wait=False)
 
     def close(self, *, kill: bool) -> None:
-        """Stop the worker (at once when ``kill``) and release everything the lane holds."""
+        """Stop the worker (at once when ``kill``) and release everything the lane holds.
+
+        A worker that was never sent a call is killed rather than asked to
+        exit: asking puts a message on its call queue, whose feeder thread
+        starts with the first call, and Python 3.12 starts no thread once the
+        interpreter exits (loky's manager then dies printing a traceback).
+        Such a worker holds nothing a kill could lose.
+        """
         self._wait_started()
+        kill = kill or not self._fed
         if kill:
             self._kill_group()
             if self._process is not None:
@@ -330,14 +341,20 @@ class _Lane:
                 self._process.join(timeout=1.0)
         if self._pool is not None:
             manager = self._pool._executor_manager_thread
-            # A manager thread that never started (Python 3.12 refuses new
-            # threads once the interpreter exits) cannot be joined.
-            started = manager is None or manager.ident is not None
-            self._pool.shutdown(wait=started, kill_workers=kill)
             if manager is None:
                 manager = self._stopping  # asked to stop earlier (stop_soon): its manager
-            if manager is not None and manager.ident is not None:
-                manager.join()
+            if manager is not None and manager.ident is None:
+                # Its manager thread never started (Python 3.12 refuses new
+                # threads once the interpreter exits, and a starter thread may
+                # meet that): nothing will ask the worker forked before it to
+                # exit, and multiprocessing's exit would wait for it forever.
+                for worker in list((self._pool._processes or {}).values()):
+                    worker.kill()
+                self._pool.shutdown(wait=False, kill_workers=True)
+            else:
+                self._pool.shutdown(wait=True, kill_workers=kill)
+                if manager is not None:
+                    manager.join()
         self._kill_group()  # whatever a step left running
         if self.cgroup is not None:
             self.cgroup.remove()  # and whatever left the process group or the session
@@ -458,6 +475,14 @@ class _Engine:
                 times = [lane.retire_at for lane in self._idle if lane.retire_at is not None]
                 self._changed.wait(min(times) - now if times else None)
 
+    def drop_unfed(self) -> None:
+        """Kill the idle lanes whose worker was never sent a call (see ``_drop_unfed_lanes``)."""
+        with self._lock:
+            unfed = [lane for lane in self._idle if not lane._fed]
+            self._idle = [lane for lane in self._idle if lane._fed]
+        for lane in unfed:
+            lane.close(kill=True)
+
     def shutdown(self) -> None:
         with self._lock:
             reaper, self._reaper = self._reaper, None
@@ -502,9 +527,23 @@ def _register_loky_exit_hook() -> None:
             return
         try:
             threading._register_atexit(hook)  # type: ignore[attr-defined]
+            # Ours runs before loky's (registered after it), and after every pool's.
+            threading._register_atexit(_drop_unfed_lanes)  # type: ignore[attr-defined]
         except RuntimeError:  # the interpreter is exiting: loky's own try fails the same way
             return
         executor_module.process_pool_executor_at_exit = True
+
+
+def _drop_unfed_lanes() -> None:
+    """At exit, before loky's hook: kill the idle workers that were never sent a call.
+
+    loky's hook asks every executor's worker to exit through its call queue,
+    whose feeder thread starts with the first call; Python 3.12 starts no
+    thread once the interpreter exits, so a worker started but never used
+    (a call done before all its lanes started) made loky's manager die
+    printing a traceback. Such a worker holds nothing a kill could lose.
+    """
+    _engine.drop_unfed()
 
 
 def _retire(lane: _Lane) -> None:

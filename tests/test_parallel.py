@@ -334,6 +334,40 @@ def test_script_without_main_guard_is_not_rerun_by_workers(tmp_path: Path) -> No
     assert result.stdout.splitlines() == ["top level ran", "[True, True, True, True]"]
 
 
+@pytest.mark.slow
+def test_a_program_done_before_all_its_workers_started_exits_cleanly(tmp_path: Path) -> None:
+    """A call that ends while some of its lanes still start: the program exits at once, silent.
+
+    The lanes not yet used are killed at exit rather than asked to exit
+    through their call queue, which needs a thread Python 3.12 refuses then
+    (it printed loky's traceback in about half the runs, and hung in one of
+    ten). Ten runs, each its own interpreter.
+    """
+    script = tmp_path / "quick.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import procorch
+
+            class Echo(procorch.AgentExecutor):
+                def execute_step(self, spec, events):
+                    return procorch.StepOutcome(spec.task_id, "s", spec.agent, "ok", True)
+
+            # 4 lanes; the first to start may run all 4 steps before the others start.
+            specs = [procorch.AgentStepSpec(str(i), "a", "d", "p") for i in range(4)]
+            print([o.success for o in procorch.execute_steps_parallel(Echo(), specs)])
+            """
+        )
+    )
+    for _ in range(10):
+        result = run_to_end(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["[True, True, True, True]"]
+        assert result.stderr == ""
+
+
 def test_a_procorch_folder_in_the_current_directory_does_not_reach_the_workers(
     tmp_path: Path,
 ) -> None:
