@@ -207,8 +207,12 @@ def pipe_size(fd: int) -> int | None:
 Decode = Any  # a callable taking a buffer and returning a frame
 
 
-class _RawOutcome(msgspec.Struct, omit_defaults=True, gc=False):
-    """``StepOutcome`` with ``structured`` left raw: a view into the frame's buffer."""
+class RawOutcome(msgspec.Struct, omit_defaults=True, gc=False):
+    """``StepOutcome`` with ``structured`` left raw: a view into the frame's buffer.
+
+    Also what the worker decodes its own ``Done`` as, to check that the
+    parent can read it back, without decoding the result.
+    """
 
     task_id: str
     session_id: str
@@ -222,7 +226,7 @@ class _RawOutcome(msgspec.Struct, omit_defaults=True, gc=False):
 class _RawDone(msgspec.Struct, tag="d", array_like=True, gc=False):
     step: int
     attempt: int
-    outcome: _RawOutcome
+    outcome: RawOutcome
     duration: float
     usage: StepUsage | None = None
 

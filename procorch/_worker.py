@@ -50,6 +50,7 @@ from ._protocol import (
     SOFT_STOP_SIGNAL,
     Done,
     NextOut,
+    RawOutcome,
     Retire,
     Started,
     encode,
@@ -374,22 +375,10 @@ def _run(spec: AgentStepSpec, token: str, blob: bytes | None, sink: Any) -> Step
     return result
 
 
-class _OutcomeCheck(msgspec.Struct, omit_defaults=True):
-    """``StepOutcome`` with ``structured`` left raw: a view into the frame, never decoded."""
-
-    task_id: str
-    session_id: str
-    agent: str
-    output: str
-    success: bool
-    structured: msgspec.Raw = msgspec.Raw(b"")
-    error: StepError | None = None
-
-
 class _DoneCheck(msgspec.Struct, tag="d", array_like=True):
     step: int
     attempt: int
-    outcome: _OutcomeCheck
+    outcome: RawOutcome  # structured left raw: never decoded here
     duration: float
 
 
