@@ -162,8 +162,7 @@ class _Lane:
             except RuntimeError as exc:
                 raise RuntimeError(
                     "a call over 1 MiB could not be sent: its lane's writer thread could not "
-                    f"start ({exc}); the interpreter is exiting, and Python "
-                    f"{sys.version_info[0]}.{sys.version_info[1]} starts no new thread then"
+                    f"start ({exc}); {_NO_THREAD_AT_EXIT}"
                 ) from exc
         try:
             future: Future[None] = pool.submit(
@@ -173,14 +172,9 @@ class _Lane:
             if "can't create new thread" not in str(exc):
                 raise
             # Python 3.12, exiting: the worker was forked, its manager thread refused.
-            with self._lock:
-                workers = list(self._pool._processes.values()) if self._pool else []
-            for worker in workers:  # just forked: it may not lead its process group yet
-                worker.kill()
+            self._kill_forked()
             raise RuntimeError(
-                "no worker could be started to replace one that was lost: the interpreter "
-                f"is exiting, and Python {sys.version_info[0]}.{sys.version_info[1]} starts "
-                "no new thread then"
+                f"no worker could be started to replace one that was lost: {_NO_THREAD_AT_EXIT}"
             ) from exc
         for step, attempt, wire in apart:  # the worker reads each after its Started
             self.inbox.send(step, attempt, wire.call)  # type: ignore[attr-defined]
@@ -303,6 +297,17 @@ class _Lane:
         pids = self.cgroup.pids() if self.cgroup is not None else []
         return pids or tree_pids(self._process.pid)
 
+    def _kill_forked(self) -> None:
+        """Kill the worker processes loky forked, told of by loky, not by ``_process``.
+
+        For a worker whose manager thread never started: it may not have been
+        adopted yet, nor lead its process group.
+        """
+        with self._lock:
+            workers = list((self._pool._processes or {}).values()) if self._pool else []
+        for worker in workers:
+            worker.kill()
+
     def _kill_group(self) -> None:
         """SIGKILL the worker's process group: the worker and what its steps started."""
         if self._process is not None:
@@ -348,8 +353,7 @@ class _Lane:
                 # threads once the interpreter exits, and a starter thread may
                 # meet that): nothing will ask the worker forked before it to
                 # exit, and multiprocessing's exit would wait for it forever.
-                for worker in list((self._pool._processes or {}).values()):
-                    worker.kill()
+                self._kill_forked()
                 self._pool.shutdown(wait=False, kill_workers=True)
             else:
                 self._pool.shutdown(wait=True, kill_workers=kill)
@@ -501,6 +505,11 @@ class _Engine:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
+
+_NO_THREAD_AT_EXIT = (
+    f"the interpreter is exiting, and Python {sys.version_info[0]}.{sys.version_info[1]} "
+    "starts no new thread then"
+)
 
 _loky_hook_lock = threading.Lock()
 
